@@ -1,0 +1,81 @@
+"""The common semantics of the eight optimal-control tasks (Lenhart & Workman 2007)."""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int, Scalar
+
+from ._env import AbstractEnv, param as param
+
+
+class AbstractControlTask(AbstractEnv):
+    """A task x' = f(x, u, t), running cost g(x, u, t), optional terminal cost g_T.
+
+    * The duration T is fixed; the step is dt = T / horizon.
+    * The action a in `[-1, 1]^m` maps affinely onto the control box:
+      u = u_lo + (a + 1) / 2 * (u_hi - u_lo).
+    * x_{k+1} = clip(x_k + dt f(x_k, u_k, t_k), x_lo, x_hi) with Euler (another
+      explicit Diffrax solver replaces the increment), t_k = k dt.
+    * r_k = -g(x_k, u_k, t_k) dt, and the last step also gets -g_T(x_H).
+    """
+
+    duration: ClassVar[float]
+    x0: ClassVar[tuple[float, ...]]
+    u_lo: ClassVar[tuple[float, ...]]
+    u_hi: ClassVar[tuple[float, ...]]
+    # Per-dimension state bounds; None where a task has no bound at all.
+    x_lo: ClassVar[tuple[float, ...] | None] = None
+    x_hi: ClassVar[tuple[float, ...] | None] = None
+
+    @abc.abstractmethod
+    def vector_field(
+        self, t: Scalar, x: Float[Array, " state"], u: Float[Array, " action"]
+    ) -> Float[Array, " state"]:
+        """The dynamics f(x, u, t) in the task's own units."""
+
+    @abc.abstractmethod
+    def running_cost(
+        self, t: Scalar, x: Float[Array, " state"], u: Float[Array, " action"]
+    ) -> Scalar:
+        """The running cost g(x, u, t); the reward is -g dt."""
+
+    def terminal_cost(self, x: Float[Array, " state"]) -> Scalar:
+        """The terminal cost g_T(x_H); zero unless a task says otherwise."""
+        del x
+        return jnp.zeros(())
+
+    @property
+    def dt(self) -> float:
+        return self.duration / self.horizon
+
+    def initial_state(self) -> Float[Array, " state"]:
+        return jnp.asarray(self.x0, dtype=float)
+
+    def control(self, action: Float[Array, " action"]) -> Float[Array, " action"]:
+        """The control u for an action a in `[-1, 1]` (the affine map onto the box)."""
+        lo = jnp.asarray(self.u_lo, action.dtype)
+        hi = jnp.asarray(self.u_hi, action.dtype)
+        return lo + (action + 1.0) * 0.5 * (hi - lo)
+
+    def transition(
+        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+    ) -> Float[Array, " state"]:
+        u = self.control(jnp.clip(action, -1.0, 1.0))
+        next_state = self.ode_step(self.vector_field, step * self.dt, state, u)
+        if self.x_lo is not None:
+            next_state = jnp.maximum(next_state, jnp.asarray(self.x_lo, state.dtype))
+        if self.x_hi is not None:
+            next_state = jnp.minimum(next_state, jnp.asarray(self.x_hi, state.dtype))
+        return next_state
+
+    def running_reward(
+        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+    ) -> Scalar:
+        u = self.control(jnp.clip(action, -1.0, 1.0))
+        return -self.running_cost(step * self.dt, state, u) * self.dt
+
+    def terminal_reward(self, final_state: Float[Array, " state"]) -> Scalar:
+        return -self.terminal_cost(final_state)

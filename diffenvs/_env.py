@@ -1,0 +1,378 @@
+"""The task interface shared by every environment of `diffenvs`."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import ClassVar
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Scalar
+
+
+def param(value: float):
+    """A task constant as a field: an array leaf, so one may differentiate or `vmap`
+    over it."""
+    return eqx.field(default=value, converter=jnp.asarray)
+
+
+class EnvState(eqx.Module):
+    """The state of the functional step interface.
+
+    Attributes:
+        state: the physical state x_k, shape `(state_dim,)`.
+        step: the step counter k, a scalar integer in `[0, horizon]`.
+    """
+
+    state: Float[Array, " state"]
+    step: Int[Array, ""]
+
+
+class Rollout(eqx.Module):
+    """One closed-loop episode, as returned by `AbstractEnv.rollout`.
+
+    Row k of every field belongs to step k: `observations[k]` is what the policy saw,
+    `actions[k]` what it did (clipped to `[-1, 1]`), `states[k]` the state x_{k+1}
+    that followed, `rewards[k]` the reward r_k.
+    """
+
+    observations: Float[Array, "horizon obs"]
+    actions: Float[Array, "horizon action"]
+    states: Float[Array, "horizon state"]
+    rewards: Float[Array, " horizon"]
+
+
+def _check_horizon(horizon: object) -> None:
+    # bool is an int subclass but never a meaningful horizon.
+    if isinstance(horizon, bool) or not isinstance(horizon, int):
+        raise TypeError(
+            f"horizon must be a positive Python int (the number of control steps), "
+            f"got {horizon!r} of type {type(horizon).__name__}."
+        )
+    if horizon <= 0:
+        raise ValueError(f"horizon must be a positive int, got horizon={horizon}.")
+
+
+def _check_solver(solver: object) -> None:
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise TypeError(
+            f"solver must be a Diffrax solver instance such as diffrax.Euler(), got "
+            f"{solver!r}."
+        )
+    if isinstance(solver, diffrax.AbstractImplicitSolver):
+        raise ValueError(
+            f"solver must be an explicit fixed-step Diffrax solver (Euler, Heun, "
+            f"Midpoint, Ralston, Bosh3, Tsit5, Dopri5, ...), got the implicit solver "
+            f"{type(solver).__name__}."
+        )
+    if solver.term_structure is not diffrax.AbstractTerm:
+        raise ValueError(
+            f"solver must integrate a single ODE term, got {type(solver).__name__} "
+            f"whose term structure is {solver.term_structure!r}."
+        )
+
+
+class AbstractEnv(eqx.Module):
+    """A deterministic finite-horizon control task, differentiable end to end.
+
+    A task fixes the initial state s1 = x_0, a transition x_{k+1} = F(k, x_k, a_k)
+    and a reward r_k for k = 0 ... H-1. Actions live in `[-1, 1]^action_dim`;
+    anything outside is clipped (so its gradient is zero there).
+
+    Every method handles a single example; batch with `jax.vmap`. None of them is
+    jitted: wrap the calling function in `jax.jit` or `eqx.filter_jit`.
+
+    The two fields below are shared by every task, so they live here rather than
+    being repeated in each concrete class.
+    """
+
+    horizon: int = eqx.field(static=True)
+    solver: diffrax.AbstractSolver = eqx.field(default_factory=diffrax.Euler)
+
+    name: ClassVar[str]
+    state_dim: ClassVar[int]
+    action_dim: ClassVar[int]
+
+    def __check_init__(self):
+        _check_horizon(self.horizon)
+        _check_solver(self.solver)
+
+    # ---- what a task defines ---------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def dt(self) -> float:
+        """The length of one control step."""
+
+    @abc.abstractmethod
+    def initial_state(self) -> Float[Array, " state"]:
+        """The fixed initial state s1 = x_0, shape `(state_dim,)`."""
+
+    @abc.abstractmethod
+    def transition(
+        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+    ) -> Float[Array, " state"]:
+        """The state x_{k+1} after taking `action` (in `[-1, 1]`) in x_k at step k."""
+
+    @abc.abstractmethod
+    def running_reward(
+        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+    ) -> Scalar:
+        """The reward of step k, except the terminal part (see `terminal_reward`)."""
+
+    def terminal_reward(self, final_state: Float[Array, " state"]) -> Scalar:
+        """The extra reward of the last step, a function of the final state x_H."""
+        del final_state
+        return jnp.zeros(())
+
+    def reference_actions(self) -> Float[Array, "horizon action"] | None:
+        """A known good open-loop action sequence, used as one start of the
+        trajectory optimiser behind `references()`; `None` if there is none."""
+        return None
+
+    # ---- the Diffrax step --------------------------------------------------------
+
+    def ode_step(
+        self,
+        vector_field: Callable[[Array, Array, Array], Array],
+        t0: Float[ArrayLike, ""],
+        y0: Float[Array, " state"],
+        args: Array,
+    ) -> Float[Array, " state"]:
+        """One step of length `dt` of the ODE `dy/dt = vector_field(t, y, args)`
+        with this task's Diffrax solver, with the control held constant in `args`.
+
+        We call the solver's `step` directly instead of `diffrax.diffeqsolve`: the
+        control changes at every step, so each step is its own initial-value
+        problem, and `diffeqsolve`'s adaptive loop and output handling would cost far
+        more than the single step itself. The solver state is initialised afresh at
+        every step because a first-same-as-last derivative cached from the previous
+        step belongs to the previous control.
+        """
+        term = diffrax.ODETerm(vector_field)
+        t1 = t0 + self.dt
+        solver_state = self.solver.init(term, t0, t1, y0, args)
+        y1, _, _, _, _ = self.solver.step(
+            term, t0, t1, y0, args, solver_state, made_jump=False
+        )
+        return y1
+
+    # ---- the world-model protocol ------------------------------------------------
+
+    def predict(
+        self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
+    ) -> Float[Array, "horizon state"]:
+        """The states x_1 ... x_H reached from `s1` under `actions`.
+
+        This is the world-model protocol: row k is the state after action k.
+        Single example; use `jax.vmap`.
+
+        Args:
+            s1: initial state, shape `(state_dim,)`.
+            actions: shape `(horizon, action_dim)`, clipped to `[-1, 1]`.
+
+        Returns:
+            The states, shape `(horizon, state_dim)`.
+        """
+        s1, actions = self._check_shapes(s1, actions)
+
+        def body(carry, inputs):
+            state, finite = carry
+            step, action = inputs
+            next_state = self.transition(step, state, action)
+            return (next_state, finite & _all_finite(next_state)), next_state
+
+        steps = jnp.arange(self.horizon)
+        init = (s1, jnp.array(True))
+        (_, finite), states = jax.lax.scan(body, init, (steps, actions))
+        return self._report(states, jnp.any(jnp.isnan(actions)), finite)
+
+    def rewards_from_states(
+        self,
+        s1: Float[Array, " state"],
+        actions: Float[Array, "horizon action"],
+        states: Float[Array, "horizon state"],
+    ) -> Float[Array, " horizon"]:
+        """The rewards r_0 ... r_{H-1} of a trajectory whose states are given (by
+        `predict`, or by a world model). Computed in parallel over time."""
+        previous = jnp.concatenate([s1[None], states[:-1]])
+        steps = jnp.arange(self.horizon)
+        rewards = jax.vmap(self.running_reward)(steps, previous, actions)
+        return rewards.at[-1].add(self.terminal_reward(states[-1]))
+
+    def rewards(
+        self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
+    ) -> Float[Array, " horizon"]:
+        """The rewards r_0 ... r_{H-1} from `s1` under `actions`, shape `(horizon,)`.
+        Single example; use `jax.vmap`."""
+        states = self.predict(s1, actions)
+        return self.rewards_from_states(s1, actions, states)
+
+    def episode_return(self, actions: Float[Array, "horizon action"]) -> Scalar:
+        """The undiscounted return of `actions` from `initial_state()`."""
+        return jnp.sum(self.rewards(self.initial_state(), actions))
+
+    # ---- the functional step interface ------------------------------------------
+
+    def reset(self, key: PRNGKeyArray | None = None) -> EnvState:
+        """The initial `EnvState`. The tasks are deterministic: `key` is accepted for
+        the usual `reset(key)` signature and ignored."""
+        del key
+        return EnvState(self.initial_state(), jnp.zeros((), jnp.int32))
+
+    def step(
+        self, env_state: EnvState, action: Float[Array, " action"]
+    ) -> tuple[EnvState, Scalar, jax.Array]:
+        """One step: returns the next `EnvState`, the reward r_k and `done`.
+
+        Pure and differentiable; there is no automatic reset. Stepping an episode
+        that is already done is an error (raised under `jit` as well).
+        """
+        action = self._check_action(action)
+        k = eqx.error_if(
+            env_state.step,
+            env_state.step >= self.horizon,
+            f"step called on a finished episode (step counter >= horizon="
+            f"{self.horizon}); call reset first.",
+        )
+        next_state = self.transition(k, env_state.state, action)
+        done = k + 1 >= self.horizon
+        reward = self.running_reward(k, env_state.state, action) + jnp.where(
+            done, self.terminal_reward(next_state), 0.0
+        )
+        return EnvState(next_state, k + 1), reward, done
+
+    def observe(self, env_state: EnvState) -> Float[Array, " obs"]:
+        """The policy's observation: the state with the normalised time k/H appended,
+        shape `(state_dim + 1,)`."""
+        time = (env_state.step / self.horizon).astype(env_state.state.dtype)
+        return jnp.concatenate([env_state.state, time[None]])
+
+    def rollout(
+        self,
+        policy: Callable[[Float[Array, " obs"], PRNGKeyArray], Array],
+        key: PRNGKeyArray,
+    ) -> Rollout:
+        """A closed-loop episode of `policy` from `initial_state()`.
+
+        Args:
+            policy: called as `policy(observation, key)` at every step with a fresh
+                key, returns an action of shape `(action_dim,)`. A deterministic
+                policy ignores its key.
+            key: a JAX PRNG key.
+
+        Returns:
+            A `Rollout` of observations, actions, next states and rewards.
+        """
+
+        def body(carry, step_key):
+            env_state, finite = carry
+            observation = self.observe(env_state)
+            action = jnp.clip(policy(observation, step_key), -1.0, 1.0)
+            if action.shape != (self.action_dim,):
+                raise ValueError(
+                    f"policy must return an action of shape (action_dim,) = "
+                    f"({self.action_dim},) for task {self.name!r}, got {action.shape}."
+                )
+            next_state = self.transition(env_state.step, env_state.state, action)
+            reward = self.running_reward(env_state.step, env_state.state, action)
+            finite = finite & _all_finite(next_state)
+            carry = (EnvState(next_state, env_state.step + 1), finite)
+            return carry, (observation, action, next_state, reward)
+
+        keys = jr.split(key, self.horizon)
+        (_, finite), (observations, actions, states, rewards) = jax.lax.scan(
+            body, (self.reset(), jnp.array(True)), keys
+        )
+        states = self._report(states, jnp.any(jnp.isnan(actions)), finite)
+        rewards = rewards.at[-1].add(self.terminal_reward(states[-1]))
+        return Rollout(observations, actions, states, rewards)
+
+    # ---- reference returns -------------------------------------------------------
+
+    def references(self) -> References:
+        """The random and optimal reference returns of this task at this horizon.
+
+        Looked up in the table shipped with the package when the task has its
+        default configuration, else computed (Monte-Carlo random baseline and
+        multi-start trajectory optimisation) and cached on disk. Call it outside
+        `jit`.
+        """
+        from ._references import references
+
+        return references(self)
+
+    def normalized_score(self, episode_return: ArrayLike) -> Array:
+        """(R - R_rand) / (R_opt - R_rand): 0 is random, 1 is optimal."""
+        refs = self.references()
+        return (jnp.asarray(episode_return) - refs.random) / (
+            refs.optimal - refs.random
+        )
+
+    # ---- checks ------------------------------------------------------------------
+
+    def _check_action(self, action: Array) -> Array:
+        action = jnp.asarray(action)
+        if action.shape != (self.action_dim,):
+            raise ValueError(
+                f"action must have shape (action_dim,) = ({self.action_dim},) for task "
+                f"{self.name!r}, got shape {action.shape}."
+            )
+        action = eqx.error_if(
+            action, jnp.any(jnp.isnan(action)), f"{self.name}: action contains NaN."
+        )
+        return jnp.clip(action, -1.0, 1.0)
+
+    def _check_shapes(self, s1: Array, actions: Array) -> tuple[Array, Array]:
+        s1 = jnp.asarray(s1)
+        actions = jnp.asarray(actions)
+        if s1.shape != (self.state_dim,):
+            raise ValueError(
+                f"s1 must have shape (state_dim,) = ({self.state_dim},) for task "
+                f"{self.name!r}, got shape {s1.shape}."
+            )
+        expected = (self.horizon, self.action_dim)
+        if actions.shape != expected:
+            raise ValueError(
+                f"actions must have shape (horizon, action_dim) = {expected} for task "
+                f"{self.name!r}, got shape {actions.shape}; batch with jax.vmap."
+            )
+        return s1, actions
+
+    def _report(self, states: Array, nan_action: Array, finite: Array) -> Array:
+        """Raise (under `jit` too) if an action was NaN or a state non-finite."""
+        return eqx.branched_error_if(
+            states,
+            nan_action | ~finite,
+            jnp.where(nan_action, 0, 1),
+            (
+                f"{self.name}: actions contain NaN.",
+                f"{self.name}: the integration diverged (a non-finite state) at "
+                f"horizon={self.horizon}, dt={self.dt:.4g} with solver "
+                f"{type(self.solver).__name__}; the step is too coarse for this "
+                f"task: use a longer horizon or a more stable solver.",
+            ),
+        )
+
+
+def _all_finite(state: Array) -> Array:
+    # Tracked inside the time loop, where the state is already at hand: a second
+    # pass over the whole trajectory afterwards cost about 25% of `predict` at batch
+    # 1024 (benchmarks/test_envs.py measures the total against a hand-written loop).
+    return jnp.all(jnp.isfinite(state))
+
+
+class References(eqx.Module):
+    """Reference returns of a task at one horizon.
+
+    Attributes:
+        random: R_rand(H), the mean return of i.i.d. uniform actions.
+        optimal: R_opt(H), the best return over open-loop action sequences.
+    """
+
+    random: float
+    optimal: float

@@ -1,0 +1,123 @@
+"""The registry of tasks: `make`, `names`, `register`."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from ._env import AbstractEnv
+from ._tasks._bacteria import Bacteria
+from ._tasks._bioreactor import Bioreactor
+from ._tasks._cancer import Cancer
+from ._tasks._credit_assignment import CreditAssignment
+from ._tasks._double_pendulum import DoublePendulum
+from ._tasks._harvest import Harvest
+from ._tasks._hiv import HIV
+from ._tasks._invasive_plant import InvasivePlant
+from ._tasks._mould import Mould
+from ._tasks._one_bounce import OneBounce
+from ._tasks._timber import Timber
+
+EnvFactory = Callable[..., AbstractEnv]
+
+_REGISTRY: dict[str, EnvFactory] = {}
+
+# The eight optimal-control tasks of the Myriad testbed, in the papers' order.
+CONTROL_TASKS: tuple[str, ...] = (
+    "cancer",
+    "bioreactor",
+    "mould",
+    "bacteria",
+    "harvest",
+    "invasive_plant",
+    "hiv",
+    "timber",
+)
+
+
+def register(name: str, factory: EnvFactory, *, overwrite: bool = False) -> None:
+    """Add a task to the registry, so that `make(name, horizon=H)` builds it.
+
+    Args:
+        name: the task's name.
+        factory: called as `factory(horizon=H, **options)`; must return an
+            `AbstractEnv`. A subclass of `AbstractEnv` is itself such a factory.
+        overwrite: replace an existing task of the same name instead of failing.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}.")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {factory!r}.")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"a task named {name!r} is already registered; pass overwrite=True to "
+            f"replace it."
+        )
+    _REGISTRY[name] = factory
+
+
+def names() -> tuple[str, ...]:
+    """The names of the registered tasks, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def make(name: str, horizon: int, **options) -> AbstractEnv:
+    """Build the registered task `name` with `horizon` control steps.
+
+    Args:
+        name: one of `names()`.
+        horizon: the number of control steps H, a positive int.
+        **options: passed to the task, e.g. `solver=diffrax.Heun()` or a physical
+            constant such as `r=0.4`.
+
+    Returns:
+        The task, an `AbstractEnv`.
+    """
+    try:
+        factory = _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown task name={name!r}; valid names are: {', '.join(names())}."
+        ) from None
+    try:
+        env = factory(horizon=horizon, **options)
+    except TypeError as error:
+        # An unknown option is the user's mistake: say which options exist.
+        parameters = _options_of(factory)
+        unknown = [key for key in options if parameters and key not in parameters]
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {unknown} for task {name!r}; valid options are: "
+                f"{', '.join(sorted(parameters))}."
+            ) from None
+        raise error
+    if not isinstance(env, AbstractEnv):
+        raise TypeError(
+            f"the factory registered as {name!r} returned {type(env).__name__}, "
+            f"expected an AbstractEnv."
+        )
+    return env
+
+
+def _options_of(factory: EnvFactory) -> set[str]:
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return set()
+    return {key for key in signature.parameters if key != "horizon"}
+
+
+for _cls in (
+    Cancer,
+    Bioreactor,
+    Mould,
+    Bacteria,
+    Harvest,
+    InvasivePlant,
+    HIV,
+    Timber,
+    DoublePendulum,
+    OneBounce,
+    CreditAssignment,
+):
+    register(_cls.name, _cls)
