@@ -39,10 +39,23 @@ _memory: dict[str, References] = {}
 
 
 def _to_float64(env: AbstractEnv) -> AbstractEnv:
-    return jax.tree.map(
-        lambda leaf: jnp.asarray(leaf, jnp.float64) if eqx.is_inexact_array(leaf) else leaf,
-        env,
-    )
+    """The task with float64 constants.
+
+    A constant stored in float32 (the task was built without float64) is widened
+    through its shortest decimal form, so 1.2 becomes 1.2 and not 1.2000000477: the
+    references then do not depend on the precision the task was built in.
+    """
+
+    def widen(leaf):
+        if not eqx.is_inexact_array(leaf):
+            return leaf
+        if leaf.dtype == jnp.float32:
+            values = np.asarray(leaf)
+            decimal = [float(str(value)) for value in values.ravel()]
+            return jnp.asarray(np.reshape(decimal, values.shape), jnp.float64)
+        return jnp.asarray(leaf, jnp.float64)
+
+    return jax.tree.map(widen, env)
 
 
 def random_return(
@@ -71,7 +84,7 @@ def random_return(
         env = _to_float64(env)
         shape = (num_episodes, env.horizon, env.action_dim)
         actions = jr.uniform(key, shape, jnp.float64, -1.0, 1.0)
-        returns = eqx.filter_jit(jax.vmap(env.episode_return))(actions)
+        returns = eqx.filter_jit(_batch_returns)(env, actions)
         return float(jnp.mean(returns))
 
 
@@ -144,7 +157,7 @@ def optimal_return(
             return actions, opt_state, returns_of(actions)
 
         opt_state = optimiser.init(actions)
-        initial = eqx.filter_jit(returns_of)(actions)
+        initial = eqx.filter_jit(_batch_returns)(env, actions)
         best_index = int(jnp.argmax(initial))
         best_return, best_actions = float(initial[best_index]), actions[best_index]
         done = 0
@@ -163,6 +176,10 @@ def optimal_return(
                 f"horizon={env.horizon}."
             )
         return best_return, best_actions
+
+
+def _batch_returns(env: AbstractEnv, actions: Array) -> Array:
+    return jax.vmap(env.episode_return)(actions)
 
 
 def fingerprint(env: AbstractEnv) -> str:

@@ -1,0 +1,68 @@
+"""A tour of one task: `python -m diffenvs [--task NAME] [--horizon H]`.
+
+Builds the task, looks up (or computes) its reference returns, scores a constant
+action sequence, differentiates the return through the simulator, and improves the
+sequence by projected gradient ascent.
+"""
+
+import argparse
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+import diffenvs
+
+
+@eqx.filter_jit
+def _value_and_grad(env, actions):
+    return jax.value_and_grad(env.episode_return)(actions)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A tour of one diffenvs task.")
+    parser.add_argument("--task", default="timber", choices=diffenvs.names())
+    parser.add_argument("--horizon", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300, help="gradient steps")
+    args = parser.parse_args(argv)
+
+    env = diffenvs.make(args.task, horizon=args.horizon)
+    print(f"task {env.name}: horizon {env.horizon}, dt {env.dt:.4g}, ")
+    print(f"  state_dim {env.state_dim}, action_dim {env.action_dim}")
+    refs = env.references()
+    print(f"reference returns: random {refs.random:.6g}, optimal {refs.optimal:.6g}")
+
+    actions = jnp.zeros((env.horizon, env.action_dim))
+    value, grad = _value_and_grad(env, actions)
+    print(
+        f"constant action 0: return {float(value):.6g}, normalised score "
+        f"{float(env.normalized_score(value)):.3f}"
+    )
+    print(
+        f"  gradient of the return w.r.t. the actions: norm "
+        f"{float(jnp.linalg.norm(grad)):.4g}, first steps "
+        f"{jnp.ravel(grad[:3]).round(4).tolist()}"
+    )
+
+    optimiser = optax.adam(0.05)
+
+    @eqx.filter_jit
+    def ascend(actions, opt_state):
+        value, grad = _value_and_grad(env, actions)
+        updates, opt_state = optimiser.update(-grad, opt_state)
+        actions = jnp.clip(optax.apply_updates(actions, updates), -1.0, 1.0)
+        return actions, opt_state, value
+
+    opt_state = optimiser.init(actions)
+    for _ in range(args.steps):
+        actions, opt_state, value = ascend(actions, opt_state)
+    value = env.episode_return(actions)
+    print(
+        f"after {args.steps} steps of gradient ascent: return {float(value):.6g}, "
+        f"normalised score {float(env.normalized_score(value)):.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
