@@ -1,0 +1,4 @@
+"""Backpropagation-based policy optimisation (BPO) and a model-free baseline.
+
+Not built yet.
+"""
