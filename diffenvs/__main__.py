@@ -6,11 +6,13 @@ sequence by projected gradient ascent.
 """
 
 import argparse
+from typing import cast
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jaxtyping import Array
 
 import diffenvs
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     def ascend(actions, opt_state):
         value, grad = _value_and_grad(env, actions)
         updates, opt_state = optimiser.update(-grad, opt_state)
-        actions = jnp.clip(optax.apply_updates(actions, updates), -1.0, 1.0)
+        actions = jnp.clip(cast(Array, optax.apply_updates(actions, updates)), -1, 1)
         return actions, opt_state, value
 
     opt_state = optimiser.init(actions)

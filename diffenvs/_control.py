@@ -6,7 +6,7 @@ import abc
 from typing import ClassVar
 
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int, Scalar
+from jaxtyping import Array, Float, Int, Scalar
 
 from ._env import AbstractEnv, param as param
 
@@ -61,7 +61,7 @@ class AbstractControlTask(AbstractEnv):
         return lo + (action + 1.0) * 0.5 * (hi - lo)
 
     def transition(
-        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
     ) -> Float[Array, " state"]:
         u = self.control(jnp.clip(action, -1.0, 1.0))
         next_state = self.ode_step(self.vector_field, step * self.dt, state, u)
@@ -72,7 +72,7 @@ class AbstractControlTask(AbstractEnv):
         return next_state
 
     def running_reward(
-        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
     ) -> Scalar:
         u = self.control(jnp.clip(action, -1.0, 1.0))
         return -self.running_cost(step * self.dt, state, u) * self.dt

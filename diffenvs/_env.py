@@ -114,13 +114,13 @@ class AbstractEnv(eqx.Module):
 
     @abc.abstractmethod
     def transition(
-        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
     ) -> Float[Array, " state"]:
         """The state x_{k+1} after taking `action` (in `[-1, 1]`) in x_k at step k."""
 
     @abc.abstractmethod
     def running_reward(
-        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
     ) -> Scalar:
         """The reward of step k, except the terminal part (see `terminal_reward`)."""
 
@@ -138,8 +138,8 @@ class AbstractEnv(eqx.Module):
 
     def ode_step(
         self,
-        vector_field: Callable[[Array, Array, Array], Array],
-        t0: Float[ArrayLike, ""],
+        vector_field: Callable[..., Array],
+        t0: Float[Array, ""],
         y0: Float[Array, " state"],
         args: Array,
     ) -> Float[Array, " state"]:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import equinox as eqx
 import jax
@@ -148,7 +148,9 @@ def optimal_return(
                 actions, opt_state = carry
                 grads = jax.grad(loss)(actions)
                 updates, opt_state = optimiser.update(grads, opt_state)
-                actions = jnp.clip(optax.apply_updates(actions, updates), -1.0, 1.0)
+                actions = jnp.clip(
+                    cast(Array, optax.apply_updates(actions, updates)), -1, 1
+                )
                 return (actions, opt_state), None
 
             (actions, opt_state), _ = jax.lax.scan(

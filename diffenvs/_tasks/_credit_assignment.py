@@ -1,7 +1,7 @@
 from typing import ClassVar
 
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int, Scalar
+from jaxtyping import Array, Float, Int, Scalar
 
 from .._env import AbstractEnv, param
 
@@ -36,14 +36,14 @@ class CreditAssignment(AbstractEnv):
         return jnp.zeros(2)
 
     def transition(
-        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
     ) -> Float[Array, " state"]:
         action = jnp.clip(action, -1.0, 1.0)
         copied = state.at[1].set(action[0])
         return jnp.where(step == 0, copied, state)
 
     def running_reward(
-        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
     ) -> Scalar:
         action = jnp.clip(action, -1.0, 1.0)
         penalised = (step > 0) & (step < self.horizon - 1)

@@ -1,10 +1,9 @@
 from typing import ClassVar
 
-import diffrax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int, Scalar
+from jaxtyping import Array, Float, Int, Scalar
 
-from .._env import AbstractEnv
+from .._env import AbstractEnv, param
 
 
 class DoublePendulum(AbstractEnv):
@@ -17,48 +16,23 @@ class DoublePendulum(AbstractEnv):
     equations of motion and ignores its action.
 
     The goal is the state reached after `horizon` steps from the action
-    `target_action = -0.4`, computed once at construction. The only reward is at the
+    `target_action = -0.4`, (see `goal`). The only reward is at the
     last step: minus the squared distance between the Cartesian positions of both
     bobs and those of the goal (so angle wrapping never matters). Its optimum is
     therefore exactly 0, and the norm of d x_H / d a_0 grows exponentially with H.
     """
 
-    m1: Float[Array, ""]
-    m2: Float[Array, ""]
-    l1: Float[Array, ""]
-    l2: Float[Array, ""]
-    gravity: Float[Array, ""]
-    target_action: Float[Array, ""]
-    goal: Float[Array, " 4"]
+    m1: Float[Array, ""] = param(1.0)
+    m2: Float[Array, ""] = param(1.0)
+    l1: Float[Array, ""] = param(1.0)
+    l2: Float[Array, ""] = param(1.0)
+    gravity: Float[Array, ""] = param(9.81)
+    target_action: Float[Array, ""] = param(-0.4)
 
     name: ClassVar[str] = "double_pendulum"
     state_dim: ClassVar[int] = 4
     action_dim: ClassVar[int] = 1
     step_size: ClassVar[float] = 0.02
-
-    def __init__(
-        self,
-        horizon: int,
-        solver: diffrax.AbstractSolver | None = None,
-        *,
-        m1: float = 1.0,
-        m2: float = 1.0,
-        l1: float = 1.0,
-        l2: float = 1.0,
-        gravity: float = 9.81,
-        target_action: float = -0.4,
-    ):
-        self.horizon = horizon
-        self.solver = diffrax.Euler() if solver is None else solver
-        self.m1, self.m2 = jnp.asarray(m1), jnp.asarray(m2)
-        self.l1, self.l2 = jnp.asarray(l1), jnp.asarray(l2)
-        self.gravity = jnp.asarray(gravity)
-        self.target_action = jnp.asarray(target_action)
-        # A placeholder so that the methods below can run before the goal is known.
-        self.goal = jnp.zeros(4)
-        if isinstance(horizon, int) and not isinstance(horizon, bool) and horizon > 0:
-            actions = jnp.zeros((horizon, 1)).at[0, 0].set(self.target_action)
-            self.goal = self._final_state(actions)
 
     @property
     def dt(self) -> float:
@@ -112,7 +86,7 @@ class DoublePendulum(AbstractEnv):
         return kinetic + potential
 
     def transition(
-        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
     ) -> Float[Array, " state"]:
         action = jnp.clip(action, -1.0, 1.0)
         placed = jnp.zeros_like(state).at[0].set(jnp.pi * action[0])
@@ -124,11 +98,19 @@ class DoublePendulum(AbstractEnv):
         return jnp.zeros(())
 
     def terminal_reward(self, final_state: Float[Array, " state"]) -> Scalar:
-        difference = self.positions(final_state) - self.positions(self.goal)
+        difference = self.positions(final_state) - self.positions(self.goal())
         return -jnp.sum(difference**2)
 
     def reference_actions(self) -> Float[Array, "horizon action"]:
         return jnp.zeros((self.horizon, 1)).at[0, 0].set(self.target_action)
 
-    def _final_state(self, actions: Float[Array, "horizon 1"]) -> Float[Array, " 4"]:
+    def goal(self) -> Float[Array, " 4"]:
+        """The state reached after `horizon` steps from `target_action`.
+
+        Recomputed where it is used rather than stored, so that it follows the
+        constants (under `vmap` over gravity, say). It does not depend on the
+        actions, so under `vmap` over actions it is computed once, and it adds no
+        path to the gradient with respect to the actions.
+        """
+        actions = self.reference_actions()
         return self.predict(self.initial_state(), actions)[-1]

@@ -1,7 +1,7 @@
 from typing import ClassVar
 
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int, Scalar
+from jaxtyping import Array, Float, Int, Scalar
 
 from .._env import AbstractEnv, param
 
@@ -39,7 +39,7 @@ class OneBounce(AbstractEnv):
         return jnp.stack([state[1], jnp.zeros_like(state[1])])
 
     def transition(
-        self, step: Int[ArrayLike, ""], state: Float[Array, " state"], action: Array
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
     ) -> Float[Array, " state"]:
         action = jnp.clip(action, -1.0, 1.0)
         velocity = jnp.where(step == 0, self.push + action[0], state[1])
