@@ -240,6 +240,7 @@ class AbstractEnv(eqx.Module):
             f"{self.horizon}); call reset first.",
         )
         next_state = self.transition(k, env_state.state, action)
+        next_state = self._report(next_state, jnp.array(False), _all_finite(next_state))
         done = k + 1 >= self.horizon
         reward = self.running_reward(k, env_state.state, action) + jnp.where(
             done, self.terminal_reward(next_state), 0.0

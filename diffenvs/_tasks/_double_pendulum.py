@@ -16,7 +16,7 @@ class DoublePendulum(AbstractEnv):
     equations of motion and ignores its action.
 
     The goal is the state reached after `horizon` steps from the action
-    `target_action = -0.4`, (see `goal`). The only reward is at the
+    `target_action = -0.4` (see `goal`). The only reward is at the
     last step: minus the squared distance between the Cartesian positions of both
     bobs and those of the goal (so angle wrapping never matters). Its optimum is
     therefore exactly 0, and the norm of d x_H / d a_0 grows exponentially with H.
