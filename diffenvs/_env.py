@@ -346,16 +346,18 @@ class AbstractEnv(eqx.Module):
 
     def _report(self, states: Array, nan_action: Array, finite: Array) -> Array:
         """Raise (under `jit` too) if an action was NaN or a state non-finite."""
+        # Under vmap, Equinox reports the largest index raised anywhere in the batch,
+        # so the more specific message (a NaN action) gets the larger index.
         return eqx.branched_error_if(
             states,
             nan_action | ~finite,
-            jnp.where(nan_action, 0, 1),
+            jnp.where(nan_action, 1, 0),
             (
-                f"{self.name}: actions contain NaN.",
                 f"{self.name}: the integration diverged (a non-finite state) at "
                 f"horizon={self.horizon}, dt={self.dt:.4g} with solver "
                 f"{type(self.solver).__name__}; the step is too coarse for this "
                 f"task: use a longer horizon or a more stable solver.",
+                f"{self.name}: actions contain NaN.",
             ),
         )
 

@@ -1,0 +1,224 @@
+"""Bad input: each mistake is reported where it is made, naming the argument, the
+value and what was expected; bad data is caught under `jit` and `vmap` too."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from helpers import EquinoxRuntimeError, Replay, jit_evaluate, uniform_actions
+
+import diffenvs
+
+# The tasks that ship with the package, read at collection. Tests that build every
+# task loop over these rather than over `names()` at run time, which also holds
+# whatever other test modules registered.
+BUILTIN = diffenvs.names()
+HORIZON = 10
+
+
+# ---- the registry ----------------------------------------------------------------
+
+
+def test_unknown_task_name_lists_the_valid_names():
+    with pytest.raises(ValueError, match="unknown task name='pendulum'") as info:
+        diffenvs.make("pendulum", horizon=HORIZON)
+    for name in BUILTIN:
+        assert name in str(info.value)
+    with pytest.raises(ValueError, match="valid names are"):
+        diffenvs.make(3, horizon=HORIZON)
+
+
+@pytest.mark.parametrize("horizon", [0, -1])
+def test_non_positive_horizon(horizon):
+    for name in BUILTIN:
+        with pytest.raises(ValueError, match=f"horizon={horizon}"):
+            diffenvs.make(name, horizon=horizon)
+
+
+# Equinox warns before the check runs that a NumPy scalar is being made static.
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
+@pytest.mark.parametrize("horizon", [2.5, True, "10", None, np.int64(10)])
+def test_horizon_that_is_not_an_int(horizon):
+    # A NumPy integer is rejected too: the horizon is a static shape, and a
+    # Python int is what makes that unambiguous.
+    for name in BUILTIN:
+        with pytest.raises(TypeError, match="horizon must be a positive Python int"):
+            diffenvs.make(name, horizon=horizon)
+
+
+def test_unknown_option_is_named():
+    for name in BUILTIN:
+        with pytest.raises(TypeError, match=r"unknown option\(s\) \['bogus'\]"):
+            diffenvs.make(name, horizon=HORIZON, bogus=1.0)
+    # The message lists the options that do exist.
+    with pytest.raises(TypeError, match="mortality"):
+        diffenvs.make("harvest", horizon=HORIZON, mortaility=0.3)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [diffrax.ImplicitEuler(), diffrax.Kvaerno5()],
+    ids=lambda solver: type(solver).__name__,
+)
+def test_implicit_solver(solver):
+    with pytest.raises(ValueError, match="implicit solver"):
+        diffenvs.make("cancer", horizon=HORIZON, solver=solver)
+    with pytest.raises(ValueError, match="implicit solver"):
+        diffenvs.make("double_pendulum", horizon=HORIZON, solver=solver)
+
+
+def test_solver_that_is_not_a_single_term_ode_solver():
+    with pytest.raises(TypeError, match="Diffrax solver instance"):
+        diffenvs.make("cancer", horizon=HORIZON, solver="euler")
+    with pytest.raises(TypeError, match="Diffrax solver instance"):
+        diffenvs.make("cancer", horizon=HORIZON, solver=diffrax.Euler)
+    # A solver for a pair of terms (a partitioned system) cannot step one ODE.
+    with pytest.raises(ValueError, match="single ODE term"):
+        diffenvs.make("cancer", horizon=HORIZON, solver=diffrax.SemiImplicitEuler())
+
+
+def test_register_rejects_bad_input():
+    with pytest.raises(TypeError, match="non-empty str"):
+        diffenvs.register("", diffenvs.Cancer)
+    with pytest.raises(TypeError, match="callable"):
+        diffenvs.register("test_not_callable", 3)
+    with pytest.raises(ValueError, match="already registered"):
+        diffenvs.register("cancer", diffenvs.Timber)
+    # Nothing above may have changed the registry.
+    assert diffenvs.names()[: len(BUILTIN)] == BUILTIN
+    assert type(diffenvs.make("cancer", horizon=HORIZON)) is diffenvs.Cancer
+
+
+def test_factory_that_does_not_return_a_task():
+    # The factory only misbehaves when asked to, so that what stays registered is
+    # a valid task for any later test that builds every registered name.
+    def factory(horizon, *, broken=False):
+        return "not a task" if broken else diffenvs.Cancer(horizon)
+
+    diffenvs.register("test_errors_factory", factory, overwrite=True)
+    with pytest.raises(TypeError, match="expected an AbstractEnv"):
+        diffenvs.make("test_errors_factory", horizon=HORIZON, broken=True)
+    assert isinstance(
+        diffenvs.make("test_errors_factory", horizon=HORIZON), diffenvs.Cancer
+    )
+
+
+# ---- shapes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cancer", "invasive_plant"])
+def test_actions_of_the_wrong_shape(name):
+    env = diffenvs.make(name, horizon=HORIZON)
+    s1, m = env.initial_state(), env.action_dim
+    expected = rf"actions must have shape \(horizon, action_dim\) = \({HORIZON}, {m}\)"
+    for shape in [(HORIZON + 1, m), (HORIZON, m + 1), (HORIZON,), (2, HORIZON, m)]:
+        with pytest.raises(ValueError, match=expected):
+            env.predict(s1, jnp.zeros(shape))
+        with pytest.raises(ValueError, match=expected):
+            env.rewards(s1, jnp.zeros(shape))
+        with pytest.raises(ValueError, match=expected):
+            env.episode_return(jnp.zeros(shape))
+    # A batch is the one a user is most likely to pass; the message says what to do.
+    with pytest.raises(ValueError, match="batch with jax.vmap"):
+        env.predict(s1, jnp.zeros((2, HORIZON, m)))
+
+
+@pytest.mark.parametrize("name", ["cancer", "invasive_plant"])
+def test_initial_state_of_the_wrong_shape(name):
+    env = diffenvs.make(name, horizon=HORIZON)
+    n = env.state_dim
+    actions = jnp.zeros((HORIZON, env.action_dim))
+    for shape in [(n + 1,), (), (1, n)]:
+        with pytest.raises(ValueError, match=rf"s1 must have shape .* = \({n},\)"):
+            env.predict(jnp.zeros(shape), actions)
+
+
+@pytest.mark.parametrize("name", ["cancer", "invasive_plant"])
+def test_step_action_of_the_wrong_shape(name):
+    env = diffenvs.make(name, horizon=HORIZON)
+    m = env.action_dim
+    for shape in [(), (m + 1,), (1, m)]:
+        with pytest.raises(ValueError, match=rf"action must have shape .* = \({m},\)"):
+            env.step(env.reset(), jnp.zeros(shape))
+
+
+def test_policy_returning_the_wrong_shape():
+    env = diffenvs.make("invasive_plant", horizon=HORIZON)
+    with pytest.raises(ValueError, match=r"policy must return an action of shape"):
+        env.rollout(lambda observation, key: jnp.zeros(3), jr.key(0))
+
+
+# ---- bad data under jit and vmap ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cancer():
+    return diffenvs.make("cancer", horizon=HORIZON)
+
+
+def test_nan_actions_raise_under_jit(cancer):
+    actions = jnp.zeros((HORIZON, 1)).at[3, 0].set(jnp.nan)
+    with pytest.raises(EquinoxRuntimeError, match="cancer: actions contain NaN"):
+        jit_evaluate(cancer, cancer.initial_state(), actions)
+    with pytest.raises(EquinoxRuntimeError, match="cancer: actions contain NaN"):
+        eqx.filter_jit(cancer.episode_return)(actions)
+    with pytest.raises(EquinoxRuntimeError, match="cancer: action contains NaN"):
+        eqx.filter_jit(cancer.step)(cancer.reset(), jnp.array([jnp.nan]))
+    with pytest.raises(EquinoxRuntimeError, match="cancer: actions contain NaN"):
+        eqx.filter_jit(cancer.rollout)(Replay(actions), jr.key(0))
+
+
+def _batch_with_one_nan(env):
+    return uniform_actions(jr.key(0), env, batch=(4,)).at[2, 5, 0].set(jnp.nan)
+
+
+def test_nan_actions_raise_under_vmap(cancer):
+    # One bad row in a batch is enough.
+    evaluate = jax.vmap(jit_evaluate, in_axes=(None, None, 0))
+    with pytest.raises(EquinoxRuntimeError, match="cancer: "):
+        evaluate(cancer, cancer.initial_state(), _batch_with_one_nan(cancer))
+
+
+# Under vmap, Equinox reports the message of the largest index raised anywhere in
+# the batch, so the NaN message must outrank the divergence message.
+def test_nan_actions_under_vmap_are_named(cancer):
+    evaluate = jax.vmap(jit_evaluate, in_axes=(None, None, 0))
+    with pytest.raises(EquinoxRuntimeError, match="cancer: actions contain NaN"):
+        evaluate(cancer, cancer.initial_state(), _batch_with_one_nan(cancer))
+
+
+def test_diverging_integration_raises(cancer):
+    # From x = 0 the tumour's growth term r x ln(1 / x) is 0 * inf = NaN.
+    actions = jnp.zeros((HORIZON, 1))
+    with pytest.raises(EquinoxRuntimeError, match="the integration diverged"):
+        jit_evaluate(cancer, jnp.zeros(1), actions)
+    # A constant large enough to overflow float32 within a few steps: harvest has
+    # no state bounds to hide it.
+    harvest = diffenvs.make("harvest", horizon=HORIZON, mortality=1e30)
+    with pytest.raises(EquinoxRuntimeError, match=r"diverged .* horizon=10, dt=1"):
+        jit_evaluate(harvest, harvest.initial_state(), actions)
+
+
+def test_nan_initial_state_raises(cancer):
+    with pytest.raises(EquinoxRuntimeError, match="cancer"):
+        jit_evaluate(cancer, jnp.array([jnp.nan]), jnp.zeros((HORIZON, 1)))
+
+
+# ---- not errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cancer", "invasive_plant"])
+def test_actions_outside_the_box_are_clipped_not_rejected(name):
+    env = diffenvs.make(name, horizon=HORIZON)
+    s1 = env.initial_state()
+    actions = 5.0 * uniform_actions(jr.key(1), env)
+    actions = actions.at[0].set(jnp.inf).at[1].set(-jnp.inf)
+    clipped = jnp.clip(actions, -1.0, 1.0)
+    got, expected = jit_evaluate(env, s1, actions), jit_evaluate(env, s1, clipped)
+    for a, b in zip(got[:3], expected[:3], strict=True):
+        # The same compiled function on identical inputs once clipped: exact.
+        np.testing.assert_array_equal(a, b)
+    assert jnp.all(jnp.isfinite(got[0]))
