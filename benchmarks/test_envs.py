@@ -77,9 +77,11 @@ class HandWritten:
     x_hi: tuple[float, ...] | None = None
 
 
-def _hiv_vector_field(x, u):
-    cells, infected, virus = x[0], x[1], x[2]
-    infection = u[0] * 2.4e-5 * cells * virus
+def _hiv_derivatives(x, u, xp):
+    """hiv's equations written once for both baselines: `x[..., i]` is a state
+    dimension, `u` the control, `xp` the array module (jax.numpy or NumPy)."""
+    cells, infected, virus = x[..., 0], x[..., 1], x[..., 2]
+    infection = u * 2.4e-5 * cells * virus
     d_cells = (
         10.0 / (1.0 + virus)
         - 0.02 * cells
@@ -88,7 +90,11 @@ def _hiv_vector_field(x, u):
     )
     d_infected = infection - 0.5 * infected
     d_virus = 300.0 * 0.5 * infected - 4.4 * virus
-    return jnp.stack([d_cells, d_infected, d_virus])
+    return xp.stack([d_cells, d_infected, d_virus], axis=-1)
+
+
+def _hiv_vector_field(x, u):
+    return _hiv_derivatives(x, u[0], jnp)
 
 
 def _hiv_running_cost(x, u):
@@ -181,17 +187,7 @@ def numpy_hiv_predict(s1: np.ndarray, actions: np.ndarray, dt: float) -> np.ndar
     x = np.tile(s1.astype(dtype), (batch, 1))
     states = np.empty((batch, horizon, 3), dtype)
     for k in range(horizon):
-        cells, infected, virus = x[:, 0], x[:, 1], x[:, 2]
-        infection = u[:, k] * 2.4e-5 * cells * virus
-        d_cells = (
-            10.0 / (1.0 + virus)
-            - 0.02 * cells
-            + 0.03 * cells * (1.0 - (cells + infected) / 1500.0)
-            - infection
-        )
-        d_infected = infection - 0.5 * infected
-        d_virus = 300.0 * 0.5 * infected - 4.4 * virus
-        dx = np.stack([d_cells, d_infected, d_virus], axis=1)
+        dx = _hiv_derivatives(x, u[:, k], np)
         x = np.clip(x + dt * dx, lo, hi)
         states[:, k] = x
     return states
