@@ -1,5 +1,31 @@
 """World models behind one protocol, `predict(s1, actions) -> states`.
 
-The model families (Actions World Models, History World Models, Markov one-step
-models) are not built yet; every `diffenvs` task already satisfies the protocol.
+Actions World Models (transformer, LSTM, RNN backbones), History World Models
+(transformer, LSTM) and Markov one-step models, as in Ma et al. 2024, "Do
+Transformer World Models Give Better Policy Gradients?" (arXiv 2402.05290), §4.
+Every `diffenvs` task satisfies the same protocol.
 """
+
+from ._awm import AWM as AWM
+from ._backbones._backbone import AbstractBackbone as AbstractBackbone
+from ._backbones._recurrent import LSTM as LSTM, RNN as RNN
+from ._backbones._transformer import Transformer as Transformer
+from ._hwm import HWM as HWM
+from ._learned import AbstractLearnedModel as AbstractLearnedModel
+from ._markov import Markov as Markov
+from ._model import (
+    AbstractWorldModel as AbstractWorldModel,
+    Incremental as Incremental,
+    PredictOnly as PredictOnly,
+    Simulator as Simulator,
+    incremental as incremental,
+    unroll as unroll,
+)
+from ._normaliser import Normaliser as Normaliser
+from ._registry import (
+    make as make,
+    names as names,
+    register as register,
+    sizes as sizes,
+)
+from ._training import Episodes as Episodes, fit as fit, loss as loss

@@ -1,0 +1,56 @@
+"""The interface shared by the sequence backbones of the world models."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import equinox as eqx
+from jaxtyping import Array, Float
+
+Carry = Any
+
+
+class AbstractBackbone(eqx.Module):
+    """A causal sequence-to-sequence network: output row t depends on input rows
+    0 ... t only.
+
+    It runs two ways that agree to float tolerance: in parallel over a whole
+    sequence (`__call__`, what training and `predict` use) and one step at a time
+    from a carry (`init`, `step`, what closed-loop generation uses).
+    """
+
+    in_size: eqx.AbstractVar[int]
+    out_size: eqx.AbstractVar[int]
+
+    @abc.abstractmethod
+    def __call__(
+        self, inputs: Float[Array, "time in_size"]
+    ) -> Float[Array, "time out_size"]:
+        """The outputs for a whole sequence, shape `(time, out_size)`."""
+
+    @abc.abstractmethod
+    def init(self, horizon: int) -> Carry:
+        """The carry before the first step of a sequence of at most `horizon`
+        steps."""
+
+    @abc.abstractmethod
+    def step(
+        self, carry: Carry, x: Float[Array, " in_size"]
+    ) -> tuple[Carry, Float[Array, " out_size"]]:
+        """Consume one input row; return the new carry and the output row."""
+
+
+def check_positive(**sizes: object) -> None:
+    """Raise a `ValueError` naming the first size that is not a positive int."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {name}={value!r}.")
+
+
+def dense(layer: eqx.nn.Linear, x: Float[Array, "time in"]) -> Float[Array, "time out"]:
+    """`layer` applied to every row of `x`, as one matrix product."""
+    # One product for the whole sequence, with the bias add fused into it; a
+    # `jax.vmap` of the per-row layer does not always compile to that on CPU.
+    y = x @ layer.weight.T
+    return y if layer.bias is None else y + layer.bias

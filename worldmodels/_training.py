@@ -1,0 +1,194 @@
+"""Episodes, the prediction loss and `fit`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+from jaxtyping import Array, Float, PRNGKeyArray, Scalar
+from tqdm.auto import tqdm
+
+import diffenvs
+
+from ._normaliser import Normaliser
+
+
+class Episodes(eqx.Module):
+    """A dataset of episodes: initial states, actions and the states that
+    followed, with row t of `states` the state after action t.
+
+    Attributes:
+        s1: shape `(episodes, state_dim)`.
+        actions: shape `(episodes, horizon, action_dim)`.
+        states: shape `(episodes, horizon, state_dim)`.
+    """
+
+    s1: Float[Array, "episodes state"]
+    actions: Float[Array, "episodes horizon action"]
+    states: Float[Array, "episodes horizon state"]
+
+    def __check_init__(self):
+        n, horizon, _ = self.actions.shape
+        if self.s1.shape[0] != n or self.states.shape[:2] != (n, horizon):
+            raise ValueError(
+                f"Episodes needs s1 (episodes, state_dim), actions (episodes, "
+                f"horizon, action_dim) and states (episodes, horizon, state_dim) "
+                f"that agree, got shapes {self.s1.shape}, {self.actions.shape}, "
+                f"{self.states.shape}."
+            )
+        if self.states.shape[2] != self.s1.shape[1]:
+            raise ValueError(
+                f"s1 and states must have the same state_dim, got {self.s1.shape[1]} "
+                f"and {self.states.shape[2]}."
+            )
+
+    @classmethod
+    def from_env(
+        cls, env: diffenvs.AbstractEnv, actions: Float[Array, "episodes horizon action"]
+    ) -> Episodes:
+        """The episodes of `env` from its initial state under each action sequence
+        (open loop), simulated in one batch."""
+        actions = jnp.clip(jnp.asarray(actions), -1.0, 1.0)
+        s1 = jnp.broadcast_to(env.initial_state(), (actions.shape[0], env.state_dim))
+        states = eqx.filter_jit(jax.vmap(env.predict))(s1, actions)
+        return cls(s1, actions, states)
+
+    def __len__(self) -> int:
+        return self.actions.shape[0]
+
+
+def loss(
+    model: Any,
+    s1: Float[Array, " state"],
+    actions: Float[Array, "horizon action"],
+    states: Float[Array, "horizon state"],
+    scale: Float[Array, " state"] | None = None,
+) -> Scalar:
+    """The mean squared error of a model's predicted state sequence against one
+    episode's true states (METHOD §2), each dimension divided by `scale`.
+
+    A model with a `teacher_forced` method (HWM, Markov) is scored on its
+    teacher-forced predictions, where every state it reads is the true one;
+    any other model on `predict`. Single example; use `jax.vmap`.
+    """
+    teacher_forced = getattr(model, "teacher_forced", None)
+    if teacher_forced is not None:
+        predicted = teacher_forced(s1, actions, states)
+    else:
+        predicted = model.predict(s1, actions)
+    error = predicted - states
+    if scale is not None:
+        error = error / scale
+    return jnp.mean(jnp.square(error))
+
+
+def _is_normaliser(node: Any) -> bool:
+    return isinstance(node, Normaliser)
+
+
+def _trainable(model: Any) -> Any:
+    """The filter of the model's parameters: every floating-point array except
+    the statistics of its normalisers."""
+    return jax.tree.map(
+        lambda node: False if _is_normaliser(node) else eqx.is_inexact_array(node),
+        model,
+        is_leaf=_is_normaliser,
+    )
+
+
+def fit(
+    model: Any,
+    episodes: Episodes,
+    *,
+    key: PRNGKeyArray,
+    steps: int = 1000,
+    batch_size: int = 64,
+    optimiser: optax.GradientTransformation | None = None,
+    normalise: bool = True,
+    progress: bool = False,
+) -> tuple[Any, Float[Array, " steps"]]:
+    """Train `model` on `episodes` by minibatch gradient descent on `loss`.
+
+    Each step draws `batch_size` episodes uniformly with replacement. The loss of
+    each state dimension is divided by its standard deviation in `episodes`, so
+    that no dimension dominates because of its units. The training loop is one
+    compiled `lax.scan` per chunk of steps.
+
+    Args:
+        model: any world model; its floating-point arrays are trained, except
+            those of a `Normaliser`.
+        episodes: the training data.
+        key: PRNG key for the minibatches.
+        steps: number of gradient steps.
+        batch_size: episodes per step (the papers use 64).
+        optimiser: an Optax optimiser; by default Adam with learning rate 1e-3
+            after clipping the gradient norm at 100 (arXiv App. C).
+        normalise: replace every `Normaliser` in the model by one fitted to the
+            states of `episodes` before training.
+        progress: show a progress bar.
+
+    Returns:
+        The trained model and the loss of every step, shape `(steps,)`.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive int, got steps={steps!r}.")
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size <= 0
+    ):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if optimiser is None:
+        optimiser = optax.chain(optax.clip_by_global_norm(100.0), optax.adam(1e-3))
+    all_states = jnp.concatenate([episodes.s1[:, None], episodes.states], axis=1)
+    statistics = Normaliser.from_states(all_states)
+    if normalise:
+        model = jax.tree.map(
+            lambda node: statistics if _is_normaliser(node) else node,
+            model,
+            is_leaf=_is_normaliser,
+        )
+    params, static = eqx.partition(model, _trainable(model))
+    opt_state = optimiser.init(params)
+    chunk = min(steps, 100)
+    losses = []
+    with tqdm(total=steps, disable=not progress, desc="fit") as bar:
+        done = 0
+        while done < steps:
+            size = min(chunk, steps - done)
+            key, chunk_key = jr.split(key)
+            params, opt_state, chunk_losses = _train_chunk(
+                params, static, opt_state, episodes, statistics.scale, chunk_key,
+                optimiser=optimiser, size=size, batch_size=batch_size,
+            )  # fmt: skip
+            losses.append(chunk_losses)
+            done += size
+            bar.update(size)
+    return eqx.combine(params, static), jnp.concatenate(losses)
+
+
+@eqx.filter_jit
+def _train_chunk(
+    params, static, opt_state, episodes, scale, key, *, optimiser, size, batch_size
+):
+    def batch_loss(params, batch):
+        model = eqx.combine(params, static)
+        per_episode = jax.vmap(lambda *e: loss(model, *e, scale=scale))(*batch)
+        return jnp.mean(per_episode)
+
+    def train_step(carry, step_key):
+        params, opt_state = carry
+        index = jr.randint(step_key, (batch_size,), 0, len(episodes))
+        batch = (episodes.s1[index], episodes.actions[index], episodes.states[index])
+        value, grads = jax.value_and_grad(batch_loss)(params, batch)
+        updates, opt_state = optimiser.update(grads, opt_state, params)
+        return (eqx.apply_updates(params, updates), opt_state), value
+
+    (params, opt_state), losses = jax.lax.scan(
+        train_step, (params, opt_state), jr.split(key, size)
+    )
+    return params, opt_state, losses
