@@ -54,11 +54,15 @@ class Episodes(eqx.Module):
         (open loop), simulated in one batch."""
         actions = jnp.clip(jnp.asarray(actions), -1.0, 1.0)
         s1 = jnp.broadcast_to(env.initial_state(), (actions.shape[0], env.state_dim))
-        states = eqx.filter_jit(jax.vmap(env.predict))(s1, actions)
-        return cls(s1, actions, states)
+        return cls(s1, actions, _simulate(env, s1, actions))
 
     def __len__(self) -> int:
         return self.actions.shape[0]
+
+
+@eqx.filter_jit
+def _simulate(env, s1, actions):
+    return jax.vmap(env.predict)(s1, actions)
 
 
 def loss(

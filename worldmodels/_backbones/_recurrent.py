@@ -31,7 +31,7 @@ class _TanhCell(eqx.Module):
 class _Stacked(AbstractBackbone):
     """Layers of recurrent cells; layer l reads the hidden state of layer l-1."""
 
-    cells: tuple[eqx.Module, ...]
+    cells: tuple[eqx.nn.LSTMCell, ...] | tuple[_TanhCell, ...]
     in_size: int = eqx.field(static=True)
     out_size: int = eqx.field(static=True)
 
@@ -83,10 +83,8 @@ class LSTM(_Stacked):
 
     def init(self, horizon: int):
         del horizon
-        return tuple(
-            (jnp.zeros(cell.hidden_size), jnp.zeros(cell.hidden_size))
-            for cell in self.cells
-        )
+        zeros = jnp.zeros(self.out_size)
+        return tuple((zeros, zeros) for _ in self.cells)
 
 
 class RNN(_Stacked):

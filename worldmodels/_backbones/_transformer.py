@@ -14,10 +14,11 @@ from ._backbone import AbstractBackbone, check_positive, dense
 
 
 def _layer_norm(norm: eqx.nn.LayerNorm, x: Float[Array, "time width"]) -> Array:
+    # `eqx.nn.LayerNorm` normalises one row; this normalises every row at once.
+    assert norm.weight is not None and norm.bias is not None
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + norm.eps)
-    return y * norm.weight + norm.bias  # pyright: ignore[reportOptionalOperand]
+    return (x - mean) * jax.lax.rsqrt(var + norm.eps) * norm.weight + norm.bias
 
 
 def _attention(
