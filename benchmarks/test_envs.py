@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -38,24 +37,15 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from _timing import format_time, interleaved, machine, ratio_stats, require_timing
 
 import diffenvs
-
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
 
 HORIZON = 500
 BATCH = 1024
 TARGET_RATIO = 1.25
 TARGET_COMPILE_S = 3.0
 TASKS = ("hiv", "invasive_plant")
-
-# Time budget per comparison (both sides together), and bounds on the rounds.
-MEASURE_S = 8.0
-MIN_ROUNDS = 30
-MAX_ROUNDS = 10_000
 
 
 # ---- the equations, written out by hand (docs/envs.md) ---------------------------
@@ -210,132 +200,6 @@ def _assert_close(actual, expected, *, rtol: float, what: str) -> None:
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
 
 
-@dataclasses.dataclass(frozen=True)
-class Interleaved:
-    """Per-round times (seconds) and minor page faults of a candidate and its
-    baseline, measured in the same rounds."""
-
-    candidate: list[float]
-    baseline: list[float]
-    candidate_faults: list[int]
-    baseline_faults: list[int]
-
-
-def _minor_faults() -> int:
-    if resource is None:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _interleaved(
-    benchmark, candidate: Callable[[], Any], baseline: Callable[[], Any]
-) -> Interleaved:
-    """Time `candidate` with pytest-benchmark and `baseline` here, one call of each
-    per round, the baseline before the candidate in even rounds and after it in odd
-    ones. Both must block until their result is ready and be compiled already.
-
-    Page faults are counted around each call but outside the timed region: a large
-    temporary buffer that comes fresh from the operating system costs a fault per
-    page, which can dominate a batched call (see benchmarks/README.md).
-    """
-    _require_timing(benchmark)
-    estimate = _quick_time(candidate) + _quick_time(baseline)
-    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, MEASURE_S / estimate)))
-    baseline_times: list[float] = []
-    baseline_faults: list[int] = []
-    candidate_faults: list[int] = []
-    round_index = 0
-    faults_before_candidate = 0
-
-    def time_baseline() -> None:
-        faults = _minor_faults()
-        start = time.perf_counter()
-        baseline()
-        baseline_times.append(time.perf_counter() - start)
-        baseline_faults.append(_minor_faults() - faults)
-
-    def setup() -> None:
-        nonlocal faults_before_candidate
-        if round_index % 2 == 0:
-            time_baseline()
-        faults_before_candidate = _minor_faults()
-
-    def teardown() -> None:
-        nonlocal round_index
-        candidate_faults.append(_minor_faults() - faults_before_candidate)
-        if round_index % 2 == 1:
-            time_baseline()
-        round_index += 1
-
-    benchmark.pedantic(candidate, setup=setup, teardown=teardown, rounds=rounds)
-    candidate_times = list(benchmark.stats.stats.data)
-    assert len(candidate_times) == len(baseline_times) == rounds
-    return Interleaved(
-        candidate_times, baseline_times, candidate_faults, baseline_faults
-    )
-
-
-def _require_timing(benchmark) -> None:
-    # With --benchmark-disable, pytest-benchmark runs the target once, untimed.
-    if benchmark.disabled:
-        pytest.skip("pytest-benchmark timing is disabled (--benchmark-disable)")
-
-
-def _quick_time(function: Callable[[], Any], repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _ratio_stats(numerator: list[float], denominator: list[float]) -> dict[str, Any]:
-    ratios = [n / d for n, d in zip(numerator, denominator, strict=True)]
-    p25, p50, p75 = statistics.quantiles(ratios, n=4)
-    return {
-        "ratio_median": p50,
-        "ratio_p25": p25,
-        "ratio_p75": p75,
-        "ratio_of_minima": min(numerator) / min(denominator),
-        "rounds": len(ratios),
-    }
-
-
-def _format_time(seconds: float) -> str:
-    if seconds >= 1.0:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds * 1e6:.1f} us"
-
-
-def _machine() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    return {
-        "cpu": model,
-        "cores_available": cores,
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(device) for device in jax.devices()],
-        "jax": jax.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "x64": bool(jax.config.jax_enable_x64),
-    }
-
-
 def _case_name(task: str, quantity: str, batch: int) -> str:
     return f"{task}/{quantity}/batch{batch}"
 
@@ -350,7 +214,7 @@ def envs_results(write_results, results_dir: Path, summary) -> Iterator[dict]:
     if not any(results.values()):
         return
     numbers = {
-        "machine": _machine(),
+        "machine": machine(),
         "horizon": HORIZON,
         "batch": BATCH,
         "target_ratio": TARGET_RATIO,
@@ -363,10 +227,10 @@ def envs_results(write_results, results_dir: Path, summary) -> Iterator[dict]:
 
 
 def _summary_lines(results: dict[str, dict[str, Any]]) -> list[str]:
-    machine = _machine()
+    about = machine()
     lines = [
-        f"{machine['cpu']}, cores available: {machine['cores_available']}, "
-        f"JAX {machine['jax']} on {machine['jax_backend']}, horizon {HORIZON}"
+        f"{about['cpu']}, cores available: {about['cores_available']}, "
+        f"JAX {about['jax']} on {about['jax_backend']}, horizon {HORIZON}"
     ]
     if results["speed"]:
         lines += [
@@ -384,8 +248,8 @@ def _summary_lines(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"{case['baseline_page_faults_median']:.0f}"
             )
             lines.append(
-                f"{name:34s}{_format_time(case['package_median_s']):>11s}"
-                f"{_format_time(case['baseline_median_s']):>11s}"
+                f"{name:34s}{format_time(case['package_median_s']):>11s}"
+                f"{format_time(case['baseline_median_s']):>11s}"
                 f"{case['ratio_median']:>8.2f}{iqr:>12s}"
                 f"{case['ratio_of_minima']:>9.2f}{faults:>13s}  "
                 f"{'met' if case['meets_target'] else 'MISSED'}"
@@ -547,12 +411,12 @@ def test_speed_against_hand_written(
     _assert_close(package_out, baseline_out, rtol=rtol, what=f"{task} {quantity}")
 
     benchmark.group = f"{task} {quantity}"
-    timings = _interleaved(
+    timings = interleaved(
         benchmark,
         lambda: jax.block_until_ready(package(actions)),
         lambda: jax.block_until_ready(baseline(actions)),
     )
-    stats = _ratio_stats(timings.candidate, timings.baseline)
+    stats = ratio_stats(timings.candidate, timings.baseline)
     case = {
         "task": task,
         "quantity": quantity,
@@ -593,7 +457,7 @@ def test_batched_throughput_against_numpy(numpy_dtype: str, benchmark, envs_resu
     _assert_close(package_states, numpy_states, rtol=1e-4, what="NumPy hiv states")
 
     benchmark.group = "hiv batched predict vs NumPy"
-    timings = _interleaved(
+    timings = interleaved(
         benchmark,
         lambda: jax.block_until_ready(predict(actions)),
         lambda: numpy_hiv_predict(np_s1, np_actions, env.dt),
@@ -602,7 +466,7 @@ def test_batched_throughput_against_numpy(numpy_dtype: str, benchmark, envs_resu
     package_s = statistics.median(timings.candidate)
     numpy_s = statistics.median(timings.baseline)
     # Speed-up = NumPy time / package time, per round.
-    speedup = _ratio_stats(timings.baseline, timings.candidate)
+    speedup = ratio_stats(timings.baseline, timings.candidate)
     case = {
         "task": "hiv",
         "batch": BATCH,
@@ -658,7 +522,7 @@ def test_compile_time(benchmark, envs_results):
         parts["predict"].append(predicted - made)
         parts["grad"].append(done - predicted)
 
-    _require_timing(benchmark)
+    require_timing(benchmark)
     persistent_cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     jax.monitoring.register_event_duration_secs_listener(listener)

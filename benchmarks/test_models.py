@@ -1,0 +1,271 @@
+"""Speed of the world models, each number measured against a baseline in the same
+run.
+
+1. The transformer AWM's forward and backward pass (the gradient of a loss on
+   `predict`, with respect to the parameters), batch 16, H = 500, paper sizes:
+   achieved FLOP/s against a matrix-multiply ceiling timed in the same rounds
+   (the best of float32 square products of sizes 512, 1024 and 2048). The FLOPs
+   are counted by hand for every matrix product the model performs, attention
+   included over the full (masked) square, and the backward pass counted as twice
+   the forward, the usual convention; XLA's own count is recorded beside it. The
+   target is at least 25% of the ceiling.
+2. Closed-loop-style generation of H = 500 steps through the key-value cache
+   (`worldmodels.unroll`) against one parallel `predict` of the same actions, at
+   batch 1 and 16; the target is under 3x. To show that a step costs O(H) and
+   does not recompute the prefix, the per-step time is measured at H = 125, 250
+   and 500 and fitted on log-log axes; the predict-only default, which does
+   recompute the prefix, is measured beside it.
+
+Run with `pytest benchmarks --benchmark`; numbers go to
+`benchmarks/results/models.json`, a plot to `benchmarks/results/models.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from _timing import format_time, interleaved, machine, quick_time, ratio_stats
+
+import diffenvs
+import worldmodels
+
+HORIZON = 500
+BATCH = 16
+TARGET_FRACTION = 0.25
+TARGET_GENERATION_RATIO = 3.0
+TASK = "hiv"
+
+
+def _setup(horizon: int, batch: int):
+    env = diffenvs.make(TASK, horizon=horizon)
+    model = worldmodels.make("awm-transformer", env, key=jr.key(0))
+    s1 = jnp.broadcast_to(env.initial_state(), (batch, env.state_dim))
+    actions = jr.uniform(
+        jr.key(1), (batch, horizon, env.action_dim), minval=-1, maxval=1
+    )
+    return model, s1, actions
+
+
+def transformer_flops(model: worldmodels.AWM, batch: int, horizon: int) -> float:
+    """Forward FLOPs of `model.predict` on `batch` sequences of `horizon` steps:
+    2 per multiply-add of every matrix product (embedding, q/k/v, attention
+    scores and weighted values over the full square, projection, MLP, head)."""
+    backbone = model.backbone
+    assert isinstance(backbone, worldmodels.Transformer)
+    width = backbone.in_size
+    mlp = backbone.blocks[0].hidden.out_features
+    in_size = model.embedding.in_features
+    per_block = (
+        2 * horizon * width * 3 * width  # q, k, v
+        + 2 * 2 * horizon * horizon * width  # scores and weighted values
+        + 2 * horizon * width * width  # projection
+        + 2 * 2 * horizon * width * mlp  # MLP
+    )
+    embed_head = 2 * horizon * (in_size * width + width * model.state_dim)
+    return batch * (len(backbone.blocks) * per_block + embed_head)
+
+
+def _matmul(size: int):
+    x = jr.normal(jr.key(2), (size, size))
+    y = jr.normal(jr.key(3), (size, size))
+    product = jax.jit(jnp.matmul)
+    jax.block_until_ready(product(x, y))
+    return lambda: jax.block_until_ready(product(x, y)), 2.0 * size**3
+
+
+@pytest.fixture(scope="module")
+def models_results(write_results, results_dir: Path, summary) -> Iterator[dict]:
+    results: dict[str, dict[str, Any]] = {"flops": {}, "generation": {}}
+    yield results
+    if not any(results.values()):
+        return
+    numbers = {"machine": machine(), **{k: v for k, v in results.items() if v}}
+    path = write_results("models", numbers)
+    _plot(path, results_dir / "models.png")
+    summary("worldmodels speed (benchmarks/results/models.json)", _lines(results))
+
+
+def test_transformer_flops_against_matmul_ceiling(benchmark, models_results):
+    model, s1, actions = _setup(HORIZON, BATCH)
+
+    def loss(model, actions):
+        return jnp.mean(jnp.square(jax.vmap(model.predict)(s1, actions)))
+
+    step = eqx.filter_jit(eqx.filter_grad(loss))
+    start = time.perf_counter()
+    jax.block_until_ready(step(model, actions))
+    compile_s = time.perf_counter() - start
+    params, static = eqx.partition(model, eqx.is_array)
+    lowered = jax.jit(
+        lambda p, a: eqx.filter_grad(loss)(eqx.combine(p, static), a)
+    ).lower(params, actions)
+    xla_flops = (lowered.compile().cost_analysis() or {}).get("flops", float("nan"))
+
+    # The ceiling: the fastest of three sizes, each timed a few times up front.
+    ceilings = {size: _matmul(size) for size in (512, 1024, 2048)}
+    rates = {s: f / quick_time(call) for s, (call, f) in ceilings.items()}
+    size = max(rates, key=lambda s: rates[s])
+    matmul, matmul_flops = ceilings[size]
+
+    timings = interleaved(
+        benchmark, lambda: jax.block_until_ready(step(model, actions)), matmul
+    )
+    flops = 3.0 * transformer_flops(model, BATCH, HORIZON)
+    achieved = [flops / t for t in timings.candidate]
+    ceiling = [matmul_flops / t for t in timings.baseline]
+    fractions = [a / c for a, c in zip(achieved, ceiling, strict=True)]
+    p25, p50, p75 = statistics.quantiles(fractions, n=4)
+    models_results["flops"]["awm-transformer"] = {
+        "batch": BATCH,
+        "horizon": HORIZON,
+        "flops_per_call": flops,
+        "xla_flops_per_call": xla_flops,
+        "median_s": statistics.median(timings.candidate),
+        "achieved_flops_per_s_median": statistics.median(achieved),
+        "ceiling_matmul_size": size,
+        "ceiling_flops_per_s_median": statistics.median(ceiling),
+        "fraction_median": p50,
+        "fraction_p25": p25,
+        "fraction_p75": p75,
+        "compile_s": compile_s,
+        "rounds": len(fractions),
+        "target_fraction": TARGET_FRACTION,
+        "meets_target": p50 >= TARGET_FRACTION,
+    }
+
+
+@pytest.mark.parametrize("batch", [1, BATCH], ids=["batch1", f"batch{BATCH}"])
+def test_generation_against_parallel_predict(batch, benchmark, models_results):
+    model, s1, actions = _setup(HORIZON, batch)
+    parallel = eqx.filter_jit(lambda m, s, a: jax.vmap(m.predict)(s, a))
+    generate = eqx.filter_jit(
+        lambda m, s, a: jax.vmap(lambda s, a: worldmodels.unroll(m, s, a))(s, a)
+    )
+    expected = parallel(model, s1, actions)
+    generated = generate(model, s1, actions)
+    scale = float(jnp.max(jnp.abs(expected)))
+    np.testing.assert_allclose(generated, expected, atol=1e-5 * scale)
+
+    timings = interleaved(
+        benchmark,
+        lambda: jax.block_until_ready(generate(model, s1, actions)),
+        lambda: jax.block_until_ready(parallel(model, s1, actions)),
+    )
+    stats = ratio_stats(timings.candidate, timings.baseline)
+    case = {
+        "batch": batch,
+        "horizon": HORIZON,
+        "generation_median_s": statistics.median(timings.candidate),
+        "parallel_median_s": statistics.median(timings.baseline),
+        **stats,
+        "target_ratio": TARGET_GENERATION_RATIO,
+        "meets_target": stats["ratio_median"] < TARGET_GENERATION_RATIO,
+    }
+    if batch == 1:
+        case["scaling"] = _scaling()
+    models_results["generation"][f"batch{batch}"] = case
+
+
+def _scaling() -> dict[str, Any]:
+    """Per-step time of generation through the cache and through the
+    predict-only default, at three horizons (batch 1)."""
+    horizons = (125, 250, 500)
+    cache, default = [], []
+    generate = eqx.filter_jit(worldmodels.unroll)
+    for horizon in horizons:
+        model, s1, actions = _setup(horizon, 1)
+        s1, actions = s1[0], actions[0]
+        fallback = worldmodels.PredictOnly(model, actions.shape[-1])
+        for target, times, repeats in ((model, cache, 5), (fallback, default, 3)):
+            run = _bind(generate, target, s1, actions)
+            run()
+            times.append(quick_time(run, repeats))
+    log_h = np.log(horizons)
+    return {
+        "horizons": list(horizons),
+        "cache_total_s": cache,
+        "default_total_s": default,
+        "cache_per_step_s": [t / h for t, h in zip(cache, horizons, strict=True)],
+        "default_per_step_s": [t / h for t, h in zip(default, horizons, strict=True)],
+        # Total time ~ H^exponent: 1 to 2 with the cache (O(H) per step at most),
+        # up to 3 when every step recomputes the prefix.
+        "cache_exponent": float(np.polyfit(log_h, np.log(cache), 1)[0]),
+        "default_exponent": float(np.polyfit(log_h, np.log(default), 1)[0]),
+    }
+
+
+def _bind(function, *args):
+    return lambda: jax.block_until_ready(function(*args))
+
+
+def _lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for name, case in results["flops"].items():
+        lines.append(
+            f"{name} forward+backward, batch {case['batch']}, H = {case['horizon']}: "
+            f"{format_time(case['median_s'])}, "
+            f"{case['achieved_flops_per_s_median'] / 1e9:.1f} GFLOP/s = "
+            f"{case['fraction_median']:.0%} of the {case['ceiling_matmul_size']}^2 "
+            f"matmul ceiling ({case['ceiling_flops_per_s_median'] / 1e9:.0f} GFLOP/s; "
+            f"IQR {case['fraction_p25']:.0%}-{case['fraction_p75']:.0%}); target "
+            f">= {TARGET_FRACTION:.0%}: {'met' if case['meets_target'] else 'MISSED'}"
+        )
+    for name, case in results["generation"].items():
+        lines.append(
+            f"generation with the cache, {name}, H = {case['horizon']}: "
+            f"{format_time(case['generation_median_s'])} vs parallel predict "
+            f"{format_time(case['parallel_median_s'])}: ratio "
+            f"{case['ratio_median']:.2f} (IQR {case['ratio_p25']:.2f}-"
+            f"{case['ratio_p75']:.2f}); target < {TARGET_GENERATION_RATIO}: "
+            f"{'met' if case['meets_target'] else 'MISSED'}"
+        )
+        if "scaling" in case:
+            scaling = case["scaling"]
+            per_step = ", ".join(
+                f"H={h}: {format_time(c)} vs {format_time(d)}"
+                for h, c, d in zip(
+                    scaling["horizons"],
+                    scaling["cache_per_step_s"],
+                    scaling["default_per_step_s"],
+                    strict=True,
+                )
+            )
+            lines.append(
+                f"  per step, cache vs predict-only default: {per_step}; total time "
+                f"~ H^{scaling['cache_exponent']:.2f} vs H^"
+                f"{scaling['default_exponent']:.2f}"
+            )
+    return lines
+
+
+def _plot(json_path: Path, png_path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    numbers = json.loads(json_path.read_text())
+    scaling = numbers.get("generation", {}).get("batch1", {}).get("scaling")
+    if scaling is None:
+        return
+    figure = Figure(figsize=(5, 3.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    horizons = scaling["horizons"]
+    axes.loglog(horizons, scaling["cache_total_s"], "o-", label="key-value cache")
+    axes.loglog(horizons, scaling["default_total_s"], "s-", label="predict-only")
+    axes.set_xlabel("horizon H")
+    axes.set_ylabel("generation time, batch 1 (s)")
+    axes.set_title("Transformer AWM: step-by-step generation")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
