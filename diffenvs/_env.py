@@ -250,7 +250,9 @@ class AbstractEnv(eqx.Module):
     def observe(self, env_state: EnvState) -> Float[Array, " obs"]:
         """The policy's observation: the state with the normalised time k/H appended,
         shape `(state_dim + 1,)`."""
-        time = (env_state.step / self.horizon).astype(env_state.state.dtype)
+        # Cast before dividing: an int32 counter divided by an int is float32 even
+        # under float64, which would round k/H in a float64 rollout.
+        time = env_state.step.astype(env_state.state.dtype) / self.horizon
         return jnp.concatenate([env_state.state, time[None]])
 
     def rollout(

@@ -94,7 +94,7 @@ class AWM(AbstractLearnedModel):
 
     def step(self, carry: _AWMCarry, action: Float[Array, " action"]):
         action = self._check_action(action)
-        time = (carry.step / self.horizon).astype(carry.z1.dtype)
+        time = carry.step.astype(carry.z1.dtype) / self.horizon
         x = self.embedding(jnp.concatenate([action, carry.z1, time[None]]))
         backbone, y = self.backbone.step(carry.backbone, x)
         z = carry.z1 + self.head(y)

@@ -100,7 +100,7 @@ class HWM(AbstractLearnedModel):
 
     def step(self, carry: _HWMCarry, action: Float[Array, " action"]):
         action = self._check_action(action)
-        time = (carry.step / self.horizon).astype(carry.z.dtype)
+        time = carry.step.astype(carry.z.dtype) / self.horizon
         x = self.embedding(jnp.concatenate([carry.z, action, time[None]]))
         backbone, y = self.backbone.step(carry.backbone, x)
         z = carry.z + self.head(y)

@@ -38,7 +38,9 @@ class AbstractLearnedModel(AbstractWorldModel):
         return self.predict(s1, actions)
 
     def _time(self, length: int) -> Float[Array, "time 1"]:
-        return (jnp.arange(length) / self.horizon)[:, None].astype(float)
+        # The same arithmetic as the steps' step.astype(dtype) / horizon, so that the
+        # parallel and the step-by-step forms see identical inputs.
+        return (jnp.arange(length).astype(float) / self.horizon)[:, None]
 
     def _check_state(self, s1: Array) -> Array:
         s1 = jnp.asarray(s1)

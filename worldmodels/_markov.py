@@ -66,7 +66,7 @@ class Markov(AbstractLearnedModel):
         self.horizon = horizon
 
     def _next(self, z: Array, action: Array, step: Array) -> Array:
-        time = (step / self.horizon).astype(z.dtype)
+        time = step.astype(z.dtype) / self.horizon
         return z + self.mlp(jnp.concatenate([z, action, time[None]]))
 
     def predict(

@@ -317,3 +317,15 @@ def test_observe_appends_normalised_time(name, step, seed):
     np.testing.assert_array_equal(observation[:-1], state)
     # k / 16 is a dyadic fraction, exact in float32.
     assert float(observation[-1]) == step / horizon
+
+
+def test_observed_time_is_exact_in_float64(x64):
+    """k/H in the observation is computed in the state's precision: in float64 it is
+    the correctly rounded quotient, not a float32 one widened."""
+    env = diffenvs.make("hiv", horizon=7)
+    state = env.reset()
+    for k in range(env.horizon):
+        observed = env.observe(state)[-1]
+        assert observed.dtype == jnp.float64
+        assert float(observed) == k / 7
+        state, _, _ = env.step(state, jnp.zeros(env.action_dim))

@@ -230,3 +230,16 @@ def test_teacher_forced_on_own_predictions_equals_predict(model, env, key):
     states = jit_predict(model, s1, actions)
     forced = eqx.filter_jit(teacher_forced)(s1, actions, states)
     assert_close(forced, states, rtol=FLOAT32_RTOL)
+
+
+@pytest.mark.parametrize("name", worldmodels.names())
+def test_incremental_equals_predict_in_float64(x64, name):
+    """In float64 the two forms agree to rounding: the same inputs (the time
+    feature included) reach the same arithmetic."""
+    env = diffenvs.make(TASK, horizon=HORIZON)
+    model = worldmodels.make(name, env, key=jr.key(1))
+    actions = jr.uniform(jr.key(2), (HORIZON, env.action_dim), minval=-1, maxval=1)
+    s1 = env.initial_state()
+    assert_close(
+        jit_unroll(model, s1, actions), jit_predict(model, s1, actions), rtol=1e-12
+    )
