@@ -6,6 +6,7 @@ import abc
 from typing import Any
 
 import equinox as eqx
+import jax
 from jaxtyping import Array, Float
 
 Carry = Any
@@ -52,5 +53,5 @@ def dense(layer: eqx.nn.Linear, x: Float[Array, "time in"]) -> Float[Array, "tim
     """`layer` applied to every row of `x`, as one matrix product."""
     # One product for the whole sequence, with the bias add fused into it; a
     # `jax.vmap` of the per-row layer does not always compile to that on CPU.
-    y = x @ layer.weight.T
+    y = jax.lax.dot_general(x, layer.weight, (((x.ndim - 1,), (1,)), ((), ())))
     return y if layer.bias is None else y + layer.bias
