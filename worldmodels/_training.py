@@ -51,7 +51,8 @@ class Episodes(eqx.Module):
         cls, env: diffenvs.AbstractEnv, actions: Float[Array, "episodes horizon action"]
     ) -> Episodes:
         """The episodes of `env` from its initial state under each action sequence
-        (open loop), simulated in one batch."""
+        (open loop), simulated in one batch. Actions are clipped to `[-1, 1]`, as
+        the task itself does, so the stored actions are the ones applied."""
         actions = jnp.clip(jnp.asarray(actions), -1.0, 1.0)
         s1 = jnp.broadcast_to(env.initial_state(), (actions.shape[0], env.state_dim))
         return cls(s1, actions, _simulate(env, s1, actions))
@@ -132,7 +133,9 @@ def fit(
         optimiser: an Optax optimiser; by default Adam with learning rate 1e-3
             after clipping the gradient norm at 100 (arXiv App. C).
         normalise: replace every `Normaliser` in the model by one fitted to the
-            states of `episodes` before training.
+            states of `episodes` before training. Pass `False` to continue
+            training a model whose normaliser is already fitted: refitting it
+            changes what the trained weights see.
         progress: show a progress bar.
 
     Returns:

@@ -175,3 +175,16 @@ def test_episodes_must_agree():
         worldmodels.Episodes(
             jnp.zeros((3, 2)), jnp.zeros((3, 5, 1)), jnp.zeros((3, 5, 3))
         )
+
+
+def test_continued_training_keeps_the_normaliser():
+    env = diffenvs.make("hiv", horizon=10)
+    first = uniform_episodes(env, jr.key(0), 32)
+    second = uniform_episodes(env, jr.key(1), 32)
+    second = worldmodels.Episodes(second.s1, second.actions, 2.0 * second.states)
+    model = worldmodels.make("markov", env, key=jr.key(2))
+    model, _ = worldmodels.fit(model, first, key=jr.key(3), steps=5)
+    kept, _ = worldmodels.fit(model, second, key=jr.key(4), steps=5, normalise=False)
+    np.testing.assert_array_equal(kept.normaliser.mean, model.normaliser.mean)
+    refitted, _ = worldmodels.fit(model, second, key=jr.key(4), steps=5)
+    assert not np.allclose(refitted.normaliser.mean, model.normaliser.mean)
