@@ -11,7 +11,10 @@ from ._backbones._backbone import AbstractBackbone as AbstractBackbone
 from ._backbones._recurrent import LSTM as LSTM, RNN as RNN
 from ._backbones._transformer import Transformer as Transformer
 from ._hwm import HWM as HWM
-from ._learned import AbstractLearnedModel as AbstractLearnedModel
+from ._learned import (
+    AbstractLearnedModel as AbstractLearnedModel,
+    AbstractSequenceModel as AbstractSequenceModel,
+)
 from ._markov import Markov as Markov
 from ._model import (
     AbstractWorldModel as AbstractWorldModel,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax.numpy as jnp
-import jax.random as jr
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int
 
-from ._backbones._backbone import AbstractBackbone, Carry, dense
-from ._learned import AbstractLearnedModel
-from ._normaliser import Normaliser
+from ._backbones._backbone import Carry, dense
+from ._learned import AbstractSequenceModel
 
 
 class _AWMCarry(eqx.Module):
@@ -18,7 +16,7 @@ class _AWMCarry(eqx.Module):
     step: Int[Array, ""]
 
 
-class AWM(AbstractLearnedModel):
+class AWM(AbstractSequenceModel):
     """An Actions World Model: the state after action t is a function of s1 and
     the actions a_1 ... a_t only, never of a predicted state.
 
@@ -29,44 +27,10 @@ class AWM(AbstractLearnedModel):
     (Thm. 2): for a transformer it is polynomial in the horizon, for an RNN
     possibly exponential.
 
-    Args:
-        state_dim: size of a state.
-        action_dim: size of an action.
-        horizon: the longest action sequence the model accepts.
-        backbone: a causal backbone whose `in_size` is the embedding width, e.g.
-            `worldmodels.Transformer(horizon, key=...)` or
-            `worldmodels.LSTM(72, key=...)`.
-        key: PRNG key for the embedding and the head.
-        normaliser: the state normalisation; `worldmodels.fit` fits it from data.
+    Built like every `AbstractSequenceModel` (see its arguments).
     """
 
-    embedding: eqx.nn.Linear
-    backbone: AbstractBackbone
-    head: eqx.nn.Linear
-    normaliser: Normaliser
-    state_dim: int = eqx.field(static=True)
-    action_dim: int = eqx.field(static=True)
-    horizon: int = eqx.field(static=True)
-
-    def __init__(
-        self,
-        state_dim: int,
-        action_dim: int,
-        horizon: int,
-        backbone: AbstractBackbone,
-        *,
-        key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-    ):
-        embedding_key, head_key = jr.split(key)
-        in_size = action_dim + state_dim + 1
-        self.embedding = eqx.nn.Linear(in_size, backbone.in_size, key=embedding_key)
-        self.backbone = backbone
-        self.head = eqx.nn.Linear(backbone.out_size, state_dim, key=head_key)
-        self.normaliser = normaliser or Normaliser.identity(state_dim)
-        self.state_dim = state_dim
-        self.action_dim = action_dim
-        self.horizon = horizon
+    __init__ = AbstractSequenceModel.__init__
 
     def predict(
         self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]

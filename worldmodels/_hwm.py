@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
-import jax.random as jr
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int
 
-from ._backbones._backbone import AbstractBackbone, Carry, dense
-from ._learned import AbstractLearnedModel
-from ._normaliser import Normaliser
+from ._backbones._backbone import Carry, dense
+from ._learned import AbstractSequenceModel
 
 
 class _HWMCarry(eqx.Module):
@@ -19,7 +16,7 @@ class _HWMCarry(eqx.Module):
     step: Int[Array, ""]
 
 
-class HWM(AbstractLearnedModel):
+class HWM(AbstractSequenceModel):
     """A History World Model: the state after action t is a function of the
     states so far and the actions so far.
 
@@ -32,53 +29,10 @@ class HWM(AbstractLearnedModel):
     at a time. That feedback makes gradients flow through the chain of predicted
     states, which can grow exponentially with the horizon (Thm. 1).
 
-    Args:
-        state_dim: size of a state.
-        action_dim: size of an action.
-        horizon: the longest action sequence the model accepts.
-        backbone: a causal backbone whose `in_size` is the embedding width.
-        key: PRNG key for the embedding and the head.
-        normaliser: the state normalisation; `worldmodels.fit` fits it from data.
+    Built like every `AbstractSequenceModel` (see its arguments).
     """
 
-    embedding: eqx.nn.Linear
-    backbone: AbstractBackbone
-    head: eqx.nn.Linear
-    normaliser: Normaliser
-    state_dim: int = eqx.field(static=True)
-    action_dim: int = eqx.field(static=True)
-    horizon: int = eqx.field(static=True)
-
-    def __init__(
-        self,
-        state_dim: int,
-        action_dim: int,
-        horizon: int,
-        backbone: AbstractBackbone,
-        *,
-        key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-    ):
-        embedding_key, head_key = jr.split(key)
-        in_size = state_dim + action_dim + 1
-        self.embedding = eqx.nn.Linear(in_size, backbone.in_size, key=embedding_key)
-        self.backbone = backbone
-        self.head = eqx.nn.Linear(backbone.out_size, state_dim, key=head_key)
-        self.normaliser = normaliser or Normaliser.identity(state_dim)
-        self.state_dim = state_dim
-        self.action_dim = action_dim
-        self.horizon = horizon
-
-    def predict(
-        self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
-    ) -> Float[Array, "horizon state"]:
-        actions = self._check_actions(actions)
-        _, states = jax.lax.scan(
-            lambda carry, action: self.step(carry, action),
-            self.init(s1, actions.shape[0]),
-            actions,
-        )
-        return states
+    __init__ = AbstractSequenceModel.__init__
 
     def teacher_forced(
         self,
@@ -86,9 +40,7 @@ class HWM(AbstractLearnedModel):
         actions: Float[Array, "horizon action"],
         states: Float[Array, "horizon state"],
     ) -> Float[Array, "horizon state"]:
-        s1, actions = self._check_state(s1), self._check_actions(actions)
-        states = self._check_states(states, actions.shape[0])
-        z = self.normaliser.normalise(jnp.concatenate([s1[None], states[:-1]]))
+        actions, z = self._previous_states(s1, actions, states)
         inputs = jnp.concatenate([z, actions, self._time(actions.shape[0])], axis=1)
         y = self.backbone(dense(self.embedding, inputs))
         return self.normaliser.denormalise(z + dense(self.head, y))

@@ -1,11 +1,17 @@
-"""What the built-in learned models share: sizes, normalisation, input checks."""
+"""What the built-in learned models share: sizes, normalisation, input checks,
+and the embedding-backbone-head layout of the sequence models."""
 
 from __future__ import annotations
 
-import equinox as eqx
-import jax.numpy as jnp
-from jaxtyping import Array, Float
+import abc
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._backbones._backbone import AbstractBackbone, Carry
 from ._model import AbstractWorldModel
 from ._normaliser import Normaliser
 
@@ -26,6 +32,30 @@ class AbstractLearnedModel(AbstractWorldModel):
     horizon: eqx.AbstractVar[int]
     normaliser: eqx.AbstractVar[Normaliser]
 
+    @abc.abstractmethod
+    def init(self, s1: Float[Array, " state"], horizon: int) -> Carry:
+        """The carry before the first step of a sequence of at most `horizon`
+        steps from `s1`."""
+
+    @abc.abstractmethod
+    def step(
+        self, carry: Carry, action: Float[Array, " action"]
+    ) -> tuple[Carry, Float[Array, " state"]]:
+        """One step: the new carry and the predicted state after `action`."""
+
+    def predict(
+        self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
+    ) -> Float[Array, "horizon state"]:
+        """The model's own step-by-step rollout, each prediction fed back as the
+        next input (a model with a parallel form overrides this)."""
+        actions = self._check_actions(actions)
+        _, states = jax.lax.scan(
+            lambda carry, action: self.step(carry, action),
+            self.init(s1, actions.shape[0]),
+            actions,
+        )
+        return states
+
     def teacher_forced(
         self,
         s1: Float[Array, " state"],
@@ -36,6 +66,16 @@ class AbstractLearnedModel(AbstractWorldModel):
         model that reads no predicted state (an AWM) predicts the same either way."""
         del states
         return self.predict(s1, actions)
+
+    def _previous_states(
+        self, s1: Array, actions: Array, states: Array
+    ) -> tuple[Array, Array]:
+        """Checked `actions` and the normalised true states z_1 ... z_H that precede
+        each action, for a teacher-forced prediction."""
+        s1, actions = self._check_state(s1), self._check_actions(actions)
+        states = self._check_states(states, actions.shape[0])
+        z = self.normaliser.normalise(jnp.concatenate([s1[None], states[:-1]]))
+        return actions, z
 
     def _time(self, length: int) -> Float[Array, "time 1"]:
         # The same arithmetic as the steps' step.astype(dtype) / horizon, so that the
@@ -91,3 +131,47 @@ class AbstractLearnedModel(AbstractWorldModel):
                 f"horizon={self.horizon} steps, got {horizon}; build it with a "
                 f"longer horizon."
             )
+
+
+class AbstractSequenceModel(AbstractLearnedModel):
+    """A linear embedding of each input row `[state or s1, action, time]`, a causal
+    backbone over the rows, and a linear head that reads the normalised state.
+
+    Args:
+        state_dim: size of a state.
+        action_dim: size of an action.
+        horizon: the longest action sequence the model accepts.
+        backbone: a causal backbone whose `in_size` is the embedding width, e.g.
+            `worldmodels.Transformer(horizon, key=...)` or
+            `worldmodels.LSTM(72, key=...)`.
+        key: PRNG key for the embedding and the head.
+        normaliser: the state normalisation; `worldmodels.fit` fits it from data.
+    """
+
+    embedding: eqx.nn.Linear
+    backbone: AbstractBackbone
+    head: eqx.nn.Linear
+    normaliser: Normaliser
+    state_dim: int = eqx.field(static=True)
+    action_dim: int = eqx.field(static=True)
+    horizon: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        state_dim: int,
+        action_dim: int,
+        horizon: int,
+        backbone: AbstractBackbone,
+        *,
+        key: PRNGKeyArray,
+        normaliser: Normaliser | None = None,
+    ):
+        embedding_key, head_key = jr.split(key)
+        in_size = state_dim + action_dim + 1
+        self.embedding = eqx.nn.Linear(in_size, backbone.in_size, key=embedding_key)
+        self.backbone = backbone
+        self.head = eqx.nn.Linear(backbone.out_size, state_dim, key=head_key)
+        self.normaliser = normaliser or Normaliser.identity(state_dim)
+        self.state_dim = state_dim
+        self.action_dim = action_dim
+        self.horizon = horizon

@@ -69,26 +69,13 @@ class Markov(AbstractLearnedModel):
         time = step.astype(z.dtype) / self.horizon
         return z + self.mlp(jnp.concatenate([z, action, time[None]]))
 
-    def predict(
-        self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
-    ) -> Float[Array, "horizon state"]:
-        actions = self._check_actions(actions)
-        _, states = jax.lax.scan(
-            lambda carry, action: self.step(carry, action),
-            self.init(s1, actions.shape[0]),
-            actions,
-        )
-        return states
-
     def teacher_forced(
         self,
         s1: Float[Array, " state"],
         actions: Float[Array, "horizon action"],
         states: Float[Array, "horizon state"],
     ) -> Float[Array, "horizon state"]:
-        s1, actions = self._check_state(s1), self._check_actions(actions)
-        states = self._check_states(states, actions.shape[0])
-        z = self.normaliser.normalise(jnp.concatenate([s1[None], states[:-1]]))
+        actions, z = self._previous_states(s1, actions, states)
         steps = jnp.arange(actions.shape[0])
         return self.normaliser.denormalise(jax.vmap(self._next)(z, actions, steps))
 

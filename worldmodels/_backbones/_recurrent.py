@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -29,11 +31,43 @@ class _TanhCell(eqx.Module):
 
 
 class _Stacked(AbstractBackbone):
-    """Layers of recurrent cells; layer l reads the hidden state of layer l-1."""
+    """Layers of recurrent cells; layer l reads the hidden state of layer l-1.
 
-    cells: tuple[eqx.nn.LSTMCell, ...] | tuple[_TanhCell, ...]
+    Args:
+        in_size: width of the input rows.
+        hidden_size: width of every layer's hidden state.
+        depth: number of layers.
+        key: PRNG key for the initial weights.
+    """
+
+    cells: tuple[eqx.nn.LSTMCell | _TanhCell, ...]
     in_size: int = eqx.field(static=True)
     out_size: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_size: int,
+        hidden_size: int = 64,
+        depth: int = 2,
+        *,
+        key: PRNGKeyArray,
+    ):
+        check_positive(in_size=in_size, hidden_size=hidden_size, depth=depth)
+        keys = jr.split(key, depth)
+        sizes = [in_size] + [hidden_size] * (depth - 1)
+        self.cells = tuple(
+            self._cell(size, hidden_size, key=k)
+            for size, k in zip(sizes, keys, strict=True)
+        )
+        self.in_size = in_size
+        self.out_size = hidden_size
+
+    @staticmethod
+    @abc.abstractmethod
+    def _cell(
+        in_size: int, hidden_size: int, *, key: PRNGKeyArray
+    ) -> eqx.nn.LSTMCell | _TanhCell:
+        """One layer's cell."""
 
     def __call__(
         self, inputs: Float[Array, "time in_size"]
@@ -54,32 +88,14 @@ class _Stacked(AbstractBackbone):
 
 
 class LSTM(_Stacked):
-    """A stack of LSTM layers (the papers' default: 2 layers of 64).
+    """A stack of LSTM layers (the papers' default: 2 layers of 64), built from
+    `in_size`, `hidden_size`, `depth` and `key`."""
 
-    Args:
-        in_size: width of the input rows.
-        hidden_size: width of every layer's hidden state.
-        depth: number of layers.
-        key: PRNG key for the initial weights.
-    """
+    __init__ = _Stacked.__init__
 
-    def __init__(
-        self,
-        in_size: int,
-        hidden_size: int = 64,
-        depth: int = 2,
-        *,
-        key: PRNGKeyArray,
-    ):
-        check_positive(in_size=in_size, hidden_size=hidden_size, depth=depth)
-        keys = jr.split(key, depth)
-        sizes = [in_size] + [hidden_size] * (depth - 1)
-        self.cells = tuple(
-            eqx.nn.LSTMCell(size, hidden_size, key=k)
-            for size, k in zip(sizes, keys, strict=True)
-        )
-        self.in_size = in_size
-        self.out_size = hidden_size
+    @staticmethod
+    def _cell(in_size: int, hidden_size: int, *, key: PRNGKeyArray):
+        return eqx.nn.LSTMCell(in_size, hidden_size, key=key)
 
     def init(self, horizon: int):
         del horizon
@@ -88,32 +104,14 @@ class LSTM(_Stacked):
 
 
 class RNN(_Stacked):
-    """A stack of vanilla tanh RNN layers (the papers' default: 2 layers of 64).
+    """A stack of vanilla tanh RNN layers (the papers' default: 2 layers of 64),
+    built from `in_size`, `hidden_size`, `depth` and `key`."""
 
-    Args:
-        in_size: width of the input rows.
-        hidden_size: width of every layer's hidden state.
-        depth: number of layers.
-        key: PRNG key for the initial weights.
-    """
+    __init__ = _Stacked.__init__
 
-    def __init__(
-        self,
-        in_size: int,
-        hidden_size: int = 64,
-        depth: int = 2,
-        *,
-        key: PRNGKeyArray,
-    ):
-        check_positive(in_size=in_size, hidden_size=hidden_size, depth=depth)
-        keys = jr.split(key, depth)
-        sizes = [in_size] + [hidden_size] * (depth - 1)
-        self.cells = tuple(
-            _TanhCell(size, hidden_size, key=k)
-            for size, k in zip(sizes, keys, strict=True)
-        )
-        self.in_size = in_size
-        self.out_size = hidden_size
+    @staticmethod
+    def _cell(in_size: int, hidden_size: int, *, key: PRNGKeyArray):
+        return _TanhCell(in_size, hidden_size, key=key)
 
     def init(self, horizon: int):
         del horizon
