@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Scalar
 
+from ._errors import branched_error_if, error_if
+
 
 def param(value: float):
     """A task constant as a field: an array leaf, so one may differentiate or `vmap`
@@ -163,6 +165,18 @@ class AbstractEnv(eqx.Module):
 
     # ---- the world-model protocol ------------------------------------------------
 
+    def transition_and_reward(
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
+    ) -> tuple[Float[Array, " state"], Scalar]:
+        """`transition` and `running_reward` of one step together. A task overrides
+        it to share work between the two (the control computed from the action)."""
+        return (
+            self.transition(step, state, action),
+            self.running_reward(step, state, action),
+        )
+
+    # ---- the world-model protocol ------------------------------------------------
+
     def predict(
         self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
     ) -> Float[Array, "horizon state"]:
@@ -178,18 +192,30 @@ class AbstractEnv(eqx.Module):
         Returns:
             The states, shape `(horizon, state_dim)`.
         """
+        states, _, check = self._simulate(s1, actions)
+        return check(states)
+
+    def _simulate(
+        self, s1: Array, actions: Array
+    ) -> tuple[Array, Array, Callable[[Array], Array]]:
+        """One time loop: the states, the running rewards, and the check to apply to
+        whatever is returned (a NaN action or a diverged state raises)."""
         s1, actions = self._check_shapes(s1, actions)
 
         def body(carry, inputs):
-            state, finite = carry
+            state, finite, nan_action = carry
             step, action = inputs
-            next_state = self.transition(step, state, action)
-            return (next_state, finite & _all_finite(next_state)), next_state
+            next_state, reward = self.transition_and_reward(step, state, action)
+            finite = finite & _all_finite(next_state)
+            nan_action = nan_action | jnp.any(jnp.isnan(action))
+            return (next_state, finite, nan_action), (next_state, reward)
 
         steps = jnp.arange(self.horizon)
-        init = (s1, jnp.array(True))
-        (_, finite), states = jax.lax.scan(body, init, (steps, actions))
-        return self._report(states, jnp.any(jnp.isnan(actions)), finite)
+        init = (s1, jnp.array(True), jnp.array(False))
+        (_, finite, nan_action), (states, rewards) = jax.lax.scan(
+            body, init, (steps, actions)
+        )
+        return states, rewards, lambda out: self._report(out, nan_action, finite)
 
     def rewards_from_states(
         self,
@@ -208,9 +234,13 @@ class AbstractEnv(eqx.Module):
         self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
     ) -> Float[Array, " horizon"]:
         """The rewards r_0 ... r_{H-1} from `s1` under `actions`, shape `(horizon,)`.
-        Single example; use `jax.vmap`."""
-        states = self.predict(s1, actions)
-        return self.rewards_from_states(s1, actions, states)
+        Single example; use `jax.vmap`.
+
+        Computed in the same time loop as the states: one sequential pass, as one
+        would write it by hand. (`rewards_from_states` computes them in parallel from
+        given states.)"""
+        states, rewards, check = self._simulate(s1, actions)
+        return check(rewards.at[-1].add(self.terminal_reward(states[-1])))
 
     def episode_return(self, actions: Float[Array, "horizon action"]) -> Scalar:
         """The undiscounted return of `actions` from `initial_state()`."""
@@ -232,19 +262,14 @@ class AbstractEnv(eqx.Module):
         Pure and differentiable; there is no automatic reset. Stepping an episode
         that is already done is an error (raised under `jit` as well).
         """
-        action = self._check_action(action)
-        k = eqx.error_if(
-            env_state.step,
-            env_state.step >= self.horizon,
-            f"step called on a finished episode (step counter >= horizon="
-            f"{self.horizon}); call reset first.",
-        )
-        next_state = self.transition(k, env_state.state, action)
-        next_state = self._report(next_state, jnp.array(False), _all_finite(next_state))
+        k = env_state.step
+        action = self._check_action(action, finished=k >= self.horizon)
+        next_state, reward = self.transition_and_reward(k, env_state.state, action)
         done = k + 1 >= self.horizon
-        reward = self.running_reward(k, env_state.state, action) + jnp.where(
-            done, self.terminal_reward(next_state), 0.0
-        )
+        reward = reward + jnp.where(done, self.terminal_reward(next_state), 0.0)
+        finite = _all_finite(next_state)
+        next_state = self._report(next_state, jnp.array(False), finite)
+        reward = self._report(reward, jnp.array(False), finite)
         return EnvState(next_state, k + 1), reward, done
 
     def observe(self, env_state: EnvState) -> Float[Array, " obs"]:
@@ -281,8 +306,9 @@ class AbstractEnv(eqx.Module):
                     f"policy must return an action of shape (action_dim,) = "
                     f"({self.action_dim},) for task {self.name!r}, got {action.shape}."
                 )
-            next_state = self.transition(env_state.step, env_state.state, action)
-            reward = self.running_reward(env_state.step, env_state.state, action)
+            next_state, reward = self.transition_and_reward(
+                env_state.step, env_state.state, action
+            )
             finite = finite & _all_finite(next_state)
             carry = (EnvState(next_state, env_state.step + 1), finite)
             return carry, (observation, action, next_state, reward)
@@ -291,8 +317,10 @@ class AbstractEnv(eqx.Module):
         (_, finite), (observations, actions, states, rewards) = jax.lax.scan(
             body, (self.reset(), jnp.array(True)), keys
         )
-        states = self._report(states, jnp.any(jnp.isnan(actions)), finite)
         rewards = rewards.at[-1].add(self.terminal_reward(states[-1]))
+        nan_action = jnp.any(jnp.isnan(actions))
+        states = self._report(states, nan_action, finite)
+        rewards = self._report(rewards, nan_action, finite)
         return Rollout(observations, actions, states, rewards)
 
     # ---- reference returns -------------------------------------------------------
@@ -318,15 +346,24 @@ class AbstractEnv(eqx.Module):
 
     # ---- checks ------------------------------------------------------------------
 
-    def _check_action(self, action: Array) -> Array:
+    def _check_action(self, action: Array, finished: Array) -> Array:
         action = jnp.asarray(action)
         if action.shape != (self.action_dim,):
             raise ValueError(
                 f"action must have shape (action_dim,) = ({self.action_dim},) for task "
                 f"{self.name!r}, got shape {action.shape}."
             )
-        action = eqx.error_if(
-            action, jnp.any(jnp.isnan(action)), f"{self.name}: action contains NaN."
+        # On the action, which every output depends on, so that the checks also run
+        # in the derivatives (`_errors`).
+        action = branched_error_if(
+            action,
+            finished | jnp.any(jnp.isnan(action)),
+            jnp.where(finished, 0, 1),
+            (
+                f"step called on a finished episode (step counter >= horizon="
+                f"{self.horizon}); call reset first.",
+                f"{self.name}: action contains NaN.",
+            ),
         )
         return jnp.clip(action, -1.0, 1.0)
 
@@ -346,12 +383,13 @@ class AbstractEnv(eqx.Module):
             )
         return s1, actions
 
-    def _report(self, states: Array, nan_action: Array, finite: Array) -> Array:
-        """Raise (under `jit` too) if an action was NaN or a state non-finite."""
+    def _report(self, out: Array, nan_action: Array, finite: Array) -> Array:
+        """`out`, with a check (under `jit` and in derivatives too) that raises if an
+        action was NaN or a state non-finite."""
         # Under vmap, Equinox reports the largest index raised anywhere in the batch,
         # so the more specific message (a NaN action) gets the larger index.
-        return eqx.branched_error_if(
-            states,
+        return branched_error_if(
+            out,
             nan_action | ~finite,
             jnp.where(nan_action, 1, 0),
             (

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from diffenvs._errors import error_if
+
 from ._backbones._backbone import AbstractBackbone, Carry
 from ._model import AbstractWorldModel
 from ._normaliser import Normaliser
@@ -111,7 +113,8 @@ class AbstractLearnedModel(AbstractWorldModel):
                 f"was built for this task."
             )
         self._check_horizon(actions.shape[0])
-        return eqx.error_if(
+        # The check runs in derivatives too (`diffenvs._errors`).
+        return error_if(
             actions, jnp.any(jnp.isnan(actions)), "worldmodels: actions contain NaN."
         )
 

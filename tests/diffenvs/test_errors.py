@@ -202,6 +202,38 @@ def test_diverging_integration_raises(cancer):
         jit_evaluate(harvest, harvest.initial_state(), actions)
 
 
+# A return linear in the state (hiv: A T - (1 - u)^2) needs no saved state for its
+# backward pass, so a check on the states alone is dead code in a gradient-only
+# computation and would vanish: the derivatives must carry the check themselves.
+@pytest.mark.parametrize("name", ["hiv", "invasive_plant"])
+def test_nan_actions_raise_in_a_gradient_alone(name):
+    env = diffenvs.make(name, horizon=100)
+    actions = jnp.zeros((env.horizon, env.action_dim)).at[3, 0].set(jnp.nan)
+    message = f"{name}: actions contain NaN"
+    with pytest.raises(EquinoxRuntimeError, match=message):
+        eqx.filter_jit(jax.grad(lambda a: env.episode_return(a)))(actions)
+    with pytest.raises(EquinoxRuntimeError, match=message):
+        eqx.filter_jit(jax.vmap(jax.grad(lambda a: env.episode_return(a))))(
+            jnp.stack([jnp.zeros_like(actions), actions])
+        )
+    with pytest.raises(EquinoxRuntimeError, match=message):
+        eqx.filter_jit(jax.jacfwd(lambda a: env.predict(env.initial_state(), a)))(actions)
+    with pytest.raises(EquinoxRuntimeError, match=f"{name}: action contains NaN"):
+        eqx.filter_jit(jax.grad(lambda a: env.step(env.reset(), a)[1]))(actions[3])
+
+
+def test_divergence_raises_in_a_gradient_alone():
+    harvest = diffenvs.make("harvest", horizon=HORIZON, mortality=1e30)
+    with pytest.raises(EquinoxRuntimeError, match="the integration diverged"):
+        eqx.filter_jit(jax.grad(lambda a: harvest.episode_return(a)))(jnp.zeros((HORIZON, 1)))
+
+
+def test_step_past_the_horizon_raises_in_a_gradient_alone(cancer):
+    finished = diffenvs.EnvState(cancer.initial_state(), jnp.array(HORIZON))
+    with pytest.raises(EquinoxRuntimeError, match="finished episode"):
+        eqx.filter_jit(jax.grad(lambda a: cancer.step(finished, a)[1]))(jnp.zeros(1))
+
+
 def test_nan_initial_state_raises(cancer):
     with pytest.raises(EquinoxRuntimeError, match="cancer"):
         jit_evaluate(cancer, jnp.array([jnp.nan]), jnp.zeros((HORIZON, 1)))

@@ -183,6 +183,14 @@ def test_nan_actions_raise(model, env, key):
     with pytest.raises(EquinoxRuntimeError, match="NaN"):
         jax.block_until_ready(jit_predict(model, env.initial_state(), actions))
 
+    # A gradient alone: the check must not be dead code there.
+    @eqx.filter_jit
+    def grad(model, s1, actions):
+        return jax.grad(lambda a: jnp.sum(model.predict(s1, a) ** 2))(actions)
+
+    with pytest.raises(EquinoxRuntimeError, match="NaN"):
+        jax.block_until_ready(grad(model, env.initial_state(), actions))
+
 
 def test_other_task_sizes_fail_clearly(model, env, key):
     if name_of(model) == "user":

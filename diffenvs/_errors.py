@@ -1,0 +1,50 @@
+"""Runtime errors that survive differentiation.
+
+`eqx.error_if` returns its input unchanged and passes tangents straight through. Under
+`jax.grad` the primal output is often not needed (a reward linear in the state needs
+no saved state for its backward pass), so the check is dead code and XLA removes it:
+a NaN action then gives a NaN gradient without a word. Here the tangent is multiplied
+by a scalar one that carries the same check, so every derivative depends on it and the
+check runs whenever the value or a derivative is computed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _checked(x: Array, pred: Array, index: Array, msgs: tuple[str, ...]) -> Array:
+    return eqx.branched_error_if(x, pred, index, msgs)
+
+
+@_checked.defjvp
+def _checked_jvp(msgs, primals, tangents):
+    x, pred, index = primals
+    tangent = tangents[0]
+    # The check on a scalar, not on `x`: it costs one branch, and the tangent's
+    # product with an exact 1 changes nothing else.
+    one = eqx.branched_error_if(jnp.ones((), x.dtype), pred, index, msgs)
+    return x * one, tangent * one
+
+
+def branched_error_if(
+    x: ArrayLike, pred: ArrayLike, index: ArrayLike, msgs: tuple[str, ...]
+) -> Array:
+    """`eqx.branched_error_if` on a floating-point `x` whose check also runs in
+    every derivative of the result."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return eqx.branched_error_if(x, pred, index, msgs)
+    return _checked(x, jnp.asarray(pred), jnp.asarray(index), tuple(msgs))
+
+
+def error_if(x: ArrayLike, pred: ArrayLike, msg: str) -> Array:
+    """`eqx.error_if` on a floating-point `x` whose check also runs in every
+    derivative of the result."""
+    return branched_error_if(x, pred, 0, (msg,))
