@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from typing import ClassVar
 
+import diffrax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Scalar
 
@@ -17,8 +18,9 @@ class AbstractControlTask(AbstractEnv):
     * The duration T is fixed; the step is dt = T / horizon.
     * The action a in `[-1, 1]^m` maps affinely onto the control box:
       u = u_lo + (a + 1) / 2 * (u_hi - u_lo).
-    * x_{k+1} = clip(x_k + dt f(x_k, u_k, t_k), x_lo, x_hi) with Euler (another
-      explicit Diffrax solver replaces the increment), t_k = k dt.
+    * x_{k+1} = clip(x_k + dt f(x_k, u_k, t_k), x_lo, x_hi) with Euler, t_k = k dt.
+      Another explicit Diffrax solver replaces the increment; where one of its
+      stages falls outside the box, f is evaluated at the nearest point of the box.
     * r_k = -g(x_k, u_k, t_k) dt, and the last step also gets -g_T(x_H).
     """
 
@@ -83,7 +85,17 @@ class AbstractControlTask(AbstractEnv):
         return self.control(jnp.clip(action, -1.0, 1.0))
 
     def _advance(self, step: Int[Array, ""], state: Array, u: Array) -> Array:
-        next_state = self.ode_step(self.vector_field, step * self.dt, state, u)
+        vector_field = self.vector_field
+        if not isinstance(self.solver, diffrax.Euler) and (
+            self.x_lo is not None or self.x_hi is not None
+        ):
+            # A multi-stage solver evaluates f at points between x_k and x_{k+1},
+            # which may leave the box where the task is defined (bacteria's
+            # e^{-x} at x = -1000 overflows, and its gradient turns NaN). Evaluate
+            # f at the nearest point of the box there. Euler only evaluates f at
+            # x_k, which is in the box already.
+            vector_field = _boxed(self.vector_field, self.x_lo, self.x_hi)
+        next_state = self.ode_step(vector_field, step * self.dt, state, u)
         if self.x_lo is not None:
             next_state = jnp.maximum(next_state, jnp.asarray(self.x_lo, state.dtype))
         if self.x_hi is not None:
@@ -96,3 +108,17 @@ class AbstractControlTask(AbstractEnv):
     def terminal_reward(self, final_state: Float[Array, " state"]) -> Scalar:
         return -self.terminal_cost(final_state)
 
+
+def _boxed(vector_field, x_lo, x_hi):
+    def boxed(t, x, u):
+        # `where`, not `clip`: inside the box, the bound included, the derivative
+        # with respect to x stays exactly 1 (`clip` halves it at a tie).
+        if x_lo is not None:
+            lo = jnp.asarray(x_lo, x.dtype)
+            x = jnp.where(x < lo, lo, x)
+        if x_hi is not None:
+            hi = jnp.asarray(x_hi, x.dtype)
+            x = jnp.where(x > hi, hi, x)
+        return vector_field(t, x, u)
+
+    return boxed
