@@ -192,14 +192,15 @@ class AbstractEnv(eqx.Module):
         Returns:
             The states, shape `(horizon, state_dim)`.
         """
-        states, _, check = self._simulate(s1, actions)
+        states, _, _, check = self._simulate(s1, actions)
         return check(states)
 
     def _simulate(
         self, s1: Array, actions: Array
-    ) -> tuple[Array, Array, Callable[[Array], Array]]:
-        """One time loop: the states, the running rewards, and the check to apply to
-        whatever is returned (a NaN action or a diverged state raises)."""
+    ) -> tuple[Array, Array, Array, Callable[[Array], Array]]:
+        """One time loop: the states, the final state, the running rewards, and the
+        check to apply to whatever is returned (a NaN action or a diverged state
+        raises). Unused outputs cost nothing: JAX drops them from the loop."""
         s1, actions = self._check_shapes(s1, actions)
 
         def body(carry, inputs):
@@ -212,10 +213,10 @@ class AbstractEnv(eqx.Module):
 
         steps = jnp.arange(self.horizon)
         init = (s1, jnp.array(True), jnp.array(False))
-        (_, finite, nan_action), (states, rewards) = jax.lax.scan(
+        (last, finite, nan_action), (states, rewards) = jax.lax.scan(
             body, init, (steps, actions)
         )
-        return states, rewards, lambda out: self._report(out, nan_action, finite)
+        return states, last, rewards, lambda out: self._report(out, nan_action, finite)
 
     def rewards_from_states(
         self,
@@ -239,8 +240,8 @@ class AbstractEnv(eqx.Module):
         Computed in the same time loop as the states: one sequential pass, as one
         would write it by hand. (`rewards_from_states` computes them in parallel from
         given states.)"""
-        states, rewards, check = self._simulate(s1, actions)
-        return check(rewards.at[-1].add(self.terminal_reward(states[-1])))
+        _, last, rewards, check = self._simulate(s1, actions)
+        return check(rewards.at[-1].add(self.terminal_reward(last)))
 
     def episode_return(self, actions: Float[Array, "horizon action"]) -> Scalar:
         """The undiscounted return of `actions` from `initial_state()`."""
