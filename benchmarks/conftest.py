@@ -16,6 +16,16 @@ from typing import Any
 
 import pytest
 
+# One JAX CPU device per core, set before JAX starts: a benchmark can then split a
+# batch over the cores (data parallelism). Computations not placed explicitly run
+# on the first device, as without this flag.
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _FLAGS:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    os.environ["XLA_FLAGS"] = (
+        f"{_FLAGS} --xla_force_host_platform_device_count={_cores}".strip()
+    )
+
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCHMARKS_DIR / "results"
 

@@ -91,14 +91,40 @@ def models_results(write_results, results_dir: Path, summary) -> Iterator[dict]:
     yield results
     if not any(results.values()):
         return
+    _judge_against_best_ceiling(results["flops"])
     numbers = {"machine": machine(), **{k: v for k, v in results.items() if v}}
     path = write_results("models", numbers)
     _plot(path, results_dir / "models.png")
     summary("worldmodels speed (benchmarks/results/models.json)", _lines(results))
 
 
-def test_transformer_flops_against_matmul_ceiling(benchmark, models_results):
+def _host_devices() -> list[jax.Device]:
+    """The CPU devices a batch of `BATCH` can be split over evenly (conftest.py
+    exposes one per core)."""
+    devices = jax.devices("cpu")
+    count = max(n for n in range(1, len(devices) + 1) if BATCH % n == 0)
+    return devices[:count]
+
+
+@pytest.mark.parametrize("placement", ["one_device", "batch_over_cores"])
+def test_transformer_flops_against_matmul_ceiling(
+    placement, benchmark, models_results
+):
     model, s1, actions = _setup(HORIZON, BATCH)
+    name = "awm-transformer"
+    if placement == "batch_over_cores":
+        # Data parallelism, as one would use the cores of a machine for a batch:
+        # the batch split over the CPU devices, the model replicated, the same
+        # jitted function partitioned by XLA. The model code is unchanged.
+        devices = _host_devices()
+        if len(devices) < 2 or jax.default_backend() != "cpu":
+            pytest.skip("needs a CPU backend with more than one host device")
+        mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        s1, actions = jax.device_put(s1, split), jax.device_put(actions, split)
+        model = jax.device_put(model, whole)
+        name = f"{name}, batch over {len(devices)} cores"
 
     def loss(model, actions):
         return jnp.mean(jnp.square(jax.vmap(model.predict)(s1, actions)))
@@ -127,7 +153,7 @@ def test_transformer_flops_against_matmul_ceiling(benchmark, models_results):
     ceiling = [matmul_flops / t for t in timings.baseline]
     fractions = [a / c for a, c in zip(achieved, ceiling, strict=True)]
     p25, p50, p75 = statistics.quantiles(fractions, n=4)
-    models_results["flops"]["awm-transformer"] = {
+    models_results["flops"][name] = {
         "batch": BATCH,
         "horizon": HORIZON,
         "flops_per_call": flops,
@@ -142,8 +168,24 @@ def test_transformer_flops_against_matmul_ceiling(benchmark, models_results):
         "compile_s": compile_s,
         "rounds": len(fractions),
         "target_fraction": TARGET_FRACTION,
-        "meets_target": p50 >= TARGET_FRACTION,
     }
+
+
+def _judge_against_best_ceiling(cases: dict[str, dict[str, Any]]) -> None:
+    """Judge every case against the highest ceiling of the run, not its own.
+
+    A round's matmul can run slower right after the data-parallel case (threads of
+    the two devices still winding down), which would flatter that case's per-round
+    fractions; the best ceiling seen anywhere in the run is the conservative one.
+    """
+    if not cases:
+        return
+    best = max(case["ceiling_flops_per_s_median"] for case in cases.values())
+    for case in cases.values():
+        fraction = case["achieved_flops_per_s_median"] / best
+        case["best_ceiling_flops_per_s"] = best
+        case["fraction_of_best_ceiling"] = fraction
+        case["meets_target"] = fraction >= TARGET_FRACTION
 
 
 @pytest.mark.parametrize("batch", [1, BATCH], ids=["batch1", f"batch{BATCH}"])
@@ -222,10 +264,12 @@ def _lines(results: dict[str, dict[str, Any]]) -> list[str]:
             f"{name} forward+backward, batch {case['batch']}, H = {case['horizon']}: "
             f"{format_time(case['median_s'])}, "
             f"{case['achieved_flops_per_s_median'] / 1e9:.1f} GFLOP/s = "
-            f"{case['fraction_median']:.0%} of the {case['ceiling_matmul_size']}^2 "
-            f"matmul ceiling ({case['ceiling_flops_per_s_median'] / 1e9:.0f} GFLOP/s; "
-            f"IQR {case['fraction_p25']:.0%}-{case['fraction_p75']:.0%}); target "
-            f">= {TARGET_FRACTION:.0%}: {'met' if case['meets_target'] else 'MISSED'}"
+            f"{case['fraction_of_best_ceiling']:.0%} of the run's best matmul "
+            f"ceiling ({case['best_ceiling_flops_per_s'] / 1e9:.0f} GFLOP/s); per "
+            f"round against its own {case['ceiling_matmul_size']}^2 matmul: "
+            f"{case['fraction_median']:.0%} (IQR {case['fraction_p25']:.0%}-"
+            f"{case['fraction_p75']:.0%}); target >= {TARGET_FRACTION:.0%}: "
+            f"{'met' if case['meets_target'] else 'MISSED'}"
         )
     for name, case in results["generation"].items():
         lines.append(
