@@ -112,6 +112,11 @@ def test_transformer_flops_against_matmul_ceiling(
 ):
     model, s1, actions = _setup(HORIZON, BATCH)
     name = "awm-transformer"
+
+    def loss(model, s1, actions):
+        return jnp.mean(jnp.square(jax.vmap(model.predict)(s1, actions)))
+
+    step = eqx.filter_jit(eqx.filter_grad(loss))
     if placement == "batch_over_cores":
         # Data parallelism, as one would use the cores of a machine for a batch:
         # the batch split over the CPU devices, the model replicated, the same
@@ -119,6 +124,7 @@ def test_transformer_flops_against_matmul_ceiling(
         devices = _host_devices()
         if len(devices) < 2 or jax.default_backend() != "cpu":
             pytest.skip("needs a CPU backend with more than one host device")
+        expected = step(model, s1, actions)
         mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
         split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
         whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -126,17 +132,18 @@ def test_transformer_flops_against_matmul_ceiling(
         model = jax.device_put(model, whole)
         name = f"{name}, batch over {len(devices)} cores"
 
-    def loss(model, actions):
-        return jnp.mean(jnp.square(jax.vmap(model.predict)(s1, actions)))
-
-    step = eqx.filter_jit(eqx.filter_grad(loss))
     start = time.perf_counter()
-    jax.block_until_ready(step(model, actions))
+    gradient = jax.block_until_ready(step(model, s1, actions))
     compile_s = time.perf_counter() - start
+    if placement == "batch_over_cores":
+        # The same gradient as on one device, up to float32 summation order.
+        for got, want in zip(jax.tree.leaves(gradient), jax.tree.leaves(expected)):
+            scale = float(jnp.max(jnp.abs(want)))
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
     params, static = eqx.partition(model, eqx.is_array)
     lowered = jax.jit(
-        lambda p, a: eqx.filter_grad(loss)(eqx.combine(p, static), a)
-    ).lower(params, actions)
+        lambda p, s, a: eqx.filter_grad(loss)(eqx.combine(p, static), s, a)
+    ).lower(params, s1, actions)
     xla_flops = (lowered.compile().cost_analysis() or {}).get("flops", float("nan"))
 
     # The ceiling: the fastest of three sizes, each timed a few times up front.
@@ -146,7 +153,7 @@ def test_transformer_flops_against_matmul_ceiling(
     matmul, matmul_flops = ceilings[size]
 
     timings = interleaved(
-        benchmark, lambda: jax.block_until_ready(step(model, actions)), matmul
+        benchmark, lambda: jax.block_until_ready(step(model, s1, actions)), matmul
     )
     flops = 3.0 * transformer_flops(model, BATCH, HORIZON)
     achieved = [flops / t for t in timings.candidate]
