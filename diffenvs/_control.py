@@ -102,6 +102,18 @@ class AbstractControlTask(AbstractEnv):
             next_state = jnp.minimum(next_state, jnp.asarray(self.x_hi, state.dtype))
         return next_state
 
+    def _nonfinite_persists(self) -> bool:
+        # x_{k+1} = clip(x_k + increment): a NaN in x_k stays NaN (the sum and the
+        # clip propagate it), and an infinite x_k stays infinite or turns NaN where it
+        # is unbounded, so a non-finite state anywhere shows in the final state.
+        # (Where a bound clips an overflow back to a finite value, no step's result
+        # was non-finite in the first place.) Only for this class's own step.
+        cls = type(self)
+        return (
+            cls.transition_and_reward is AbstractControlTask.transition_and_reward
+            and cls._advance is AbstractControlTask._advance
+        )
+
     def _reward(self, step: Int[Array, ""], state: Array, u: Array) -> Scalar:
         return -self.running_cost(step * self.dt, state, u) * self.dt
 

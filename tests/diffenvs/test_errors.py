@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 from helpers import EquinoxRuntimeError, Replay, jit_evaluate, uniform_actions
 
 import diffenvs
@@ -232,6 +233,66 @@ def test_step_past_the_horizon_raises_in_a_gradient_alone(cancer):
     finished = diffenvs.EnvState(cancer.initial_state(), jnp.array(HORIZON))
     with pytest.raises(EquinoxRuntimeError, match="finished episode"):
         eqx.filter_jit(jax.grad(lambda a: cancer.step(finished, a)[1]))(jnp.zeros(1))
+
+
+# The control tasks check only their final state for divergence, which is enough if a
+# step's non-finite result never turns finite again. Inject one into the middle of an
+# episode and follow it to the end, for every task, solver, dimension and kind.
+@pytest.mark.parametrize("solver", [diffrax.Euler(), diffrax.Heun()], ids=["Euler", "Heun"])
+@pytest.mark.parametrize("name", diffenvs.CONTROL_TASKS)
+@given(data=st.data())
+def test_a_nonfinite_state_persists_to_the_end(name, solver, data):
+    env = diffenvs.make(name, horizon=HORIZON, solver=solver)
+    assert env._nonfinite_persists()
+    dim = data.draw(st.integers(0, env.state_dim - 1), label="dimension")
+    # A step's result is clipped to the box, so it can only be infinite towards a
+    # side without a bound.
+    kinds = [jnp.nan]
+    if env.x_hi is None or np.isinf(env.x_hi[dim]):
+        kinds.append(jnp.inf)
+    if env.x_lo is None or np.isinf(env.x_lo[dim]):
+        kinds.append(-jnp.inf)
+    value = data.draw(st.sampled_from(kinds), label="value")
+    start = data.draw(st.integers(1, HORIZON - 1), label="step")
+    actions = uniform_actions(jr.key(data.draw(st.integers(0, 3))), env)
+    # As arrays, so that one compilation serves every example.
+    final = _continue_after_injection(
+        env, actions, jnp.asarray(start), jnp.asarray(dim), jnp.asarray(value)
+    )
+    assert not jnp.all(jnp.isfinite(final))
+
+
+@eqx.filter_jit
+def _continue_after_injection(env, actions, start, dim, value):
+    """The final state when x_start's dimension `dim` is set to `value`."""
+    states = env.predict(env.initial_state(), actions)
+    state = states[start - 1].at[dim].set(value)
+
+    def step(k, state):
+        return env.transition(k, state, actions[k])
+
+    return jax.lax.fori_loop(start, HORIZON, step, state)
+
+
+def test_user_transition_is_checked_at_every_step():
+    """A subclass with its own step may let a NaN vanish: it gets the per-step check."""
+
+    class Forgetful(type(diffenvs.make("harvest", horizon=HORIZON))):
+        def transition(self, step, state, action):
+            next_state = super().transition(step, state, action)
+            return jnp.where(jnp.isnan(next_state), 1.0, next_state)
+
+        def transition_and_reward(self, step, state, action):
+            next_state = super().transition(step, state, action)
+            reward = self.running_reward(step, state, action)
+            # A NaN at the second step only, forgotten at the third.
+            next_state = jnp.where(step == 1, jnp.nan, next_state)
+            return jnp.where(step == 2, 1.0, next_state), reward
+
+    env = Forgetful(horizon=HORIZON)
+    assert not env._nonfinite_persists()
+    with pytest.raises(EquinoxRuntimeError, match="diverged"):
+        jit_evaluate(env, env.initial_state(), jnp.zeros((HORIZON, 1)))
 
 
 def test_nan_initial_state_raises(cancer):
