@@ -1,6 +1,8 @@
 """`worldmodels.fit` learns: closed forms that a trained model must reproduce,
 and the mechanics of the loss, the normaliser and the optimiser."""
 
+import os
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -188,3 +190,64 @@ def test_continued_training_keeps_the_normaliser():
     np.testing.assert_array_equal(kept.normaliser.mean, model.normaliser.mean)
     refitted, _ = worldmodels.fit(model, second, key=jr.key(4), steps=5)
     assert not np.allclose(refitted.normaliser.mean, model.normaliser.mean)
+
+
+def test_fit_rejects_bad_devices():
+    env = diffenvs.make("one_bounce", horizon=5)
+    data = uniform_episodes(env, jr.key(0), 4)
+    model = worldmodels.make("markov", env, key=jr.key(1))
+    with pytest.raises(TypeError, match="devices must be a non-empty sequence"):
+        worldmodels.fit(model, data, key=jr.key(2), devices=[])
+    with pytest.raises(TypeError, match="devices must be"):
+        worldmodels.fit(model, data, key=jr.key(2), devices=["cpu"])
+    two = jax.devices()[:1] * 2  # the check comes before the devices are used
+    with pytest.raises(ValueError, match="batch_size=7 for 2 devices"):
+        worldmodels.fit(model, data, key=jr.key(2), batch_size=7, devices=two)
+
+
+# Several devices need an XLA flag set before JAX starts: a fresh interpreter.
+_DATA_PARALLEL = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, jax.random as jr, optax
+import diffenvs, worldmodels
+
+assert len(jax.devices()) == 2
+env = diffenvs.make("credit_assignment", horizon=12)
+actions = jr.uniform(jr.key(0), (32, 12, 1), minval=-1, maxval=1)
+data = worldmodels.Episodes.from_env(env, actions)
+model = worldmodels.make("awm-transformer", env, key=jr.key(1))
+settings = dict(key=jr.key(2), steps=10, batch_size=8, optimiser=optax.sgd(0.01))
+alone, alone_losses = worldmodels.fit(model, data, **settings)
+split, split_losses = worldmodels.fit(model, data, devices=jax.devices(), **settings)
+loss_error = float(jnp.max(jnp.abs(alone_losses - split_losses)))
+weight_error = max(
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(split))
+)
+moved = float(jnp.max(jnp.abs(alone.head.weight - model.head.weight)))
+print(loss_error, weight_error, moved, float(alone_losses[0] - alone_losses[-1]))
+"""
+
+
+def test_fit_over_two_devices_equals_one_device():
+    """With the batch split over two CPU devices, the losses and the trained weights
+    are those of one device, up to the order of float32 sums."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _DATA_PARALLEL],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr
+    loss_error, weight_error, moved, progress = map(
+        float, result.stdout.split()[-4:]
+    )
+    # The comparison means something only if training moved the weights and the loss.
+    assert moved > 1e-3 and progress > 0
+    assert loss_error < 1e-5
+    assert weight_error < 1e-5
