@@ -144,9 +144,10 @@ def fit(
             parallelism): the model, the optimiser state and the episodes are
             replicated on each, and the gradient is averaged over the whole batch,
             so the result is the one-device result up to summation order.
-            `batch_size` must be a multiple of their number. On CPU, one device per
-            core comes from setting `XLA_FLAGS=--xla_force_host_platform_device_count=N`
-            before JAX starts (benchmarks/test_models.py measures the gain).
+            `batch_size` must be a multiple of their number. The trained model is
+            returned replicated on them. On CPU, one device per core comes from
+            setting `XLA_FLAGS=--xla_force_host_platform_device_count=N` before JAX
+            starts (benchmarks/test_models.py measures the gain).
 
     Returns:
         The trained model and the loss of every step, shape `(steps,)`.
