@@ -136,6 +136,16 @@ class AbstractEnv(eqx.Module):
         trajectory optimiser behind `references()`; `None` if there is none."""
         return None
 
+    def transition_and_reward(
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
+    ) -> tuple[Float[Array, " state"], Scalar]:
+        """`transition` and `running_reward` of one step together. A task overrides
+        it to share work between the two (the control computed from the action)."""
+        return (
+            self.transition(step, state, action),
+            self.running_reward(step, state, action),
+        )
+
     # ---- the Diffrax step --------------------------------------------------------
 
     def ode_step(
@@ -162,18 +172,6 @@ class AbstractEnv(eqx.Module):
             term, t0, t1, y0, args, solver_state, made_jump=False
         )
         return y1
-
-    # ---- the world-model protocol ------------------------------------------------
-
-    def transition_and_reward(
-        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
-    ) -> tuple[Float[Array, " state"], Scalar]:
-        """`transition` and `running_reward` of one step together. A task overrides
-        it to share work between the two (the control computed from the action)."""
-        return (
-            self.transition(step, state, action),
-            self.running_reward(step, state, action),
-        )
 
     # ---- the world-model protocol ------------------------------------------------
 
