@@ -107,9 +107,7 @@ def _host_devices() -> list[jax.Device]:
 
 
 @pytest.mark.parametrize("placement", ["one_device", "batch_over_cores"])
-def test_transformer_flops_against_matmul_ceiling(
-    placement, benchmark, models_results
-):
+def test_transformer_flops_against_matmul_ceiling(placement, benchmark, models_results):
     model, s1, actions = _setup(HORIZON, BATCH)
     name = "awm-transformer"
 
@@ -137,7 +135,8 @@ def test_transformer_flops_against_matmul_ceiling(
     compile_s = time.perf_counter() - start
     if placement == "batch_over_cores":
         # The same gradient as on one device, up to float32 summation order.
-        for got, want in zip(jax.tree.leaves(gradient), jax.tree.leaves(expected)):
+        pairs = zip(jax.tree.leaves(gradient), jax.tree.leaves(expected), strict=True)
+        for got, want in pairs:
             scale = float(jnp.max(jnp.abs(want)))
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
     params, static = eqx.partition(model, eqx.is_array)

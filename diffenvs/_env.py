@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Scalar
 
-from ._errors import branched_error_if, error_if
+from ._errors import branched_error_if
 
 
 def param(value: float):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
 from helpers import EquinoxRuntimeError, Replay, jit_evaluate, uniform_actions
+from hypothesis import given, strategies as st
 
 import diffenvs
 
@@ -218,7 +218,9 @@ def test_nan_actions_raise_in_a_gradient_alone(name):
             jnp.stack([jnp.zeros_like(actions), actions])
         )
     with pytest.raises(EquinoxRuntimeError, match=message):
-        eqx.filter_jit(jax.jacfwd(lambda a: env.predict(env.initial_state(), a)))(actions)
+        eqx.filter_jit(jax.jacfwd(lambda a: env.predict(env.initial_state(), a)))(
+            actions
+        )
     with pytest.raises(EquinoxRuntimeError, match=f"{name}: action contains NaN"):
         eqx.filter_jit(jax.grad(lambda a: env.step(env.reset(), a)[1]))(actions[3])
 
@@ -226,7 +228,9 @@ def test_nan_actions_raise_in_a_gradient_alone(name):
 def test_divergence_raises_in_a_gradient_alone():
     harvest = diffenvs.make("harvest", horizon=HORIZON, mortality=1e30)
     with pytest.raises(EquinoxRuntimeError, match="the integration diverged"):
-        eqx.filter_jit(jax.grad(lambda a: harvest.episode_return(a)))(jnp.zeros((HORIZON, 1)))
+        eqx.filter_jit(jax.grad(lambda a: harvest.episode_return(a)))(
+            jnp.zeros((HORIZON, 1))
+        )
 
 
 def test_step_past_the_horizon_raises_in_a_gradient_alone(cancer):
@@ -238,7 +242,9 @@ def test_step_past_the_horizon_raises_in_a_gradient_alone(cancer):
 # The control tasks check only their final state for divergence, which is enough if a
 # step's non-finite result never turns finite again. Inject one into the middle of an
 # episode and follow it to the end, for every task, solver, dimension and kind.
-@pytest.mark.parametrize("solver", [diffrax.Euler(), diffrax.Heun()], ids=["Euler", "Heun"])
+@pytest.mark.parametrize(
+    "solver", [diffrax.Euler(), diffrax.Heun()], ids=["Euler", "Heun"]
+)
 @pytest.mark.parametrize("name", diffenvs.CONTROL_TASKS)
 @given(data=st.data())
 def test_a_nonfinite_state_persists_to_the_end(name, solver, data):

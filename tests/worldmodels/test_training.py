@@ -244,9 +244,7 @@ def test_fit_over_two_devices_equals_one_device():
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert result.returncode == 0, result.stderr
-    loss_error, weight_error, moved, progress = map(
-        float, result.stdout.split()[-4:]
-    )
+    loss_error, weight_error, moved, progress = map(float, result.stdout.split()[-4:])
     # The comparison means something only if training moved the weights and the loss.
     assert moved > 1e-3 and progress > 0
     assert loss_error < 1e-5
