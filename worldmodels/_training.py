@@ -117,7 +117,7 @@ def fit(
     optimiser: optax.GradientTransformation | None = None,
     normalise: bool = True,
     progress: bool = False,
-    devices: Sequence[jax.Device] | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> tuple[Any, Float[Array, " steps"]]:
     """Train `model` on `episodes` by minibatch gradient descent on `loss`.
 
@@ -140,7 +140,7 @@ def fit(
             training a model whose normaliser is already fitted: refitting it
             changes what the trained weights see.
         progress: show a progress bar.
-        devices: split every minibatch evenly over these devices (data
+        devices: split every minibatch evenly over these `jax.Device`s (data
             parallelism): the model, the optimiser state and the episodes are
             replicated on each, and the gradient is averaged over the whole batch,
             so the result is the one-device result up to summation order.
@@ -226,7 +226,7 @@ def _train_chunk(
 
 
 def _batch_sharding(
-    devices: Sequence[jax.Device], batch_size: int
+    devices: Sequence[Any], batch_size: int
 ) -> jax.sharding.NamedSharding:
     devices = list(devices)
     if not devices or not all(isinstance(d, jax.Device) for d in devices):
