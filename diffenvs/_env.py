@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, Scalar
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree, Scalar
 
 from ._errors import branched_error_if
 
@@ -268,8 +268,9 @@ class AbstractEnv(eqx.Module):
         done = k + 1 >= self.horizon
         reward = reward + jnp.where(done, self.terminal_reward(next_state), 0.0)
         finite = _all_finite(next_state)
-        next_state = self._report(next_state, jnp.array(False), finite)
-        reward = self._report(reward, jnp.array(False), finite)
+        next_state, reward = self._report(
+            (next_state, reward), jnp.array(False), finite
+        )
         return EnvState(next_state, k + 1), reward, done
 
     def observe(self, env_state: EnvState) -> Float[Array, " obs"]:
@@ -319,8 +320,7 @@ class AbstractEnv(eqx.Module):
         )
         rewards = rewards.at[-1].add(self.terminal_reward(states[-1]))
         nan_action = jnp.any(jnp.isnan(actions))
-        states = self._report(states, nan_action, finite)
-        rewards = self._report(rewards, nan_action, finite)
+        states, rewards = self._report((states, rewards), nan_action, finite)
         return Rollout(observations, actions, states, rewards)
 
     # ---- reference returns -------------------------------------------------------
@@ -390,7 +390,7 @@ class AbstractEnv(eqx.Module):
             )
         return s1, actions
 
-    def _report(self, out: Array, nan_action: Array, finite: Array) -> Array:
+    def _report(self, out: PyTree[Array], nan_action: Array, finite: Array) -> Any:
         """`out`, with a check (under `jit` and in derivatives too) that raises if an
         action was NaN or a state non-finite."""
         # Under vmap, Equinox reports the largest index raised anywhere in the batch,
