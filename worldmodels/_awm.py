@@ -52,14 +52,13 @@ class AWM(AbstractSequenceModel):
         return self.normaliser.denormalise(z)
 
     def init(self, s1: Float[Array, " state"], horizon: int) -> _AWMCarry:
-        self._check_horizon(horizon)
-        z1 = self.normaliser.normalise(self._check_state(s1))
+        z1 = self._initial(s1, horizon)
         return _AWMCarry(self.backbone.init(horizon), z1, jnp.zeros((), jnp.int32))
 
     def step(self, carry: _AWMCarry, action: Float[Array, " action"]):
         action = self._check_action(action)
-        time = carry.step.astype(carry.z1.dtype) / self.horizon
-        x = self.embedding(jnp.concatenate([action, carry.z1, time[None]]))
+        time = self._time_at(carry.step, carry.z1.dtype)
+        x = self.embedding(jnp.concatenate([action, carry.z1, time]))
         backbone, y = self.backbone.step(carry.backbone, x)
         z = carry.z1 + self.head(y)
         return _AWMCarry(

@@ -46,14 +46,13 @@ class HWM(AbstractSequenceModel):
         return self.normaliser.denormalise(z + dense(self.head, y))
 
     def init(self, s1: Float[Array, " state"], horizon: int) -> _HWMCarry:
-        self._check_horizon(horizon)
-        z1 = self.normaliser.normalise(self._check_state(s1))
+        z1 = self._initial(s1, horizon)
         return _HWMCarry(self.backbone.init(horizon), z1, jnp.zeros((), jnp.int32))
 
     def step(self, carry: _HWMCarry, action: Float[Array, " action"]):
         action = self._check_action(action)
-        time = carry.step.astype(carry.z.dtype) / self.horizon
-        x = self.embedding(jnp.concatenate([carry.z, action, time[None]]))
+        time = self._time_at(carry.step, carry.z.dtype)
+        x = self.embedding(jnp.concatenate([carry.z, action, time]))
         backbone, y = self.backbone.step(carry.backbone, x)
         z = carry.z + self.head(y)
         return _HWMCarry(backbone, z, carry.step + 1), self.normaliser.denormalise(z)

@@ -80,9 +80,19 @@ class AbstractLearnedModel(AbstractWorldModel):
         return actions, z
 
     def _time(self, length: int) -> Float[Array, "time 1"]:
-        # The same arithmetic as the steps' step.astype(dtype) / horizon, so that the
-        # parallel and the step-by-step forms see identical inputs.
+        # The same arithmetic as `_time_at`, so that the parallel and the
+        # step-by-step forms see identical inputs.
         return (jnp.arange(length).astype(float) / self.horizon)[:, None]
+
+    def _time_at(self, step: Array, dtype) -> Float[Array, " 1"]:
+        """The time input t / H of one step, shape `(1,)`."""
+        return (step.astype(dtype) / self.horizon)[None]
+
+    def _initial(self, s1: Array, horizon: int) -> Array:
+        """The normalised initial state z_1, for `init` of a generation of
+        `horizon` steps (both checked)."""
+        self._check_horizon(horizon)
+        return self.normaliser.normalise(self._check_state(s1))
 
     def _check_state(self, s1: Array) -> Array:
         s1 = jnp.asarray(s1)

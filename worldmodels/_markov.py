@@ -66,8 +66,8 @@ class Markov(AbstractLearnedModel):
         self.horizon = horizon
 
     def _next(self, z: Array, action: Array, step: Array) -> Array:
-        time = step.astype(z.dtype) / self.horizon
-        return z + self.mlp(jnp.concatenate([z, action, time[None]]))
+        time = self._time_at(step, z.dtype)
+        return z + self.mlp(jnp.concatenate([z, action, time]))
 
     def teacher_forced(
         self,
@@ -80,9 +80,7 @@ class Markov(AbstractLearnedModel):
         return self.normaliser.denormalise(jax.vmap(self._next)(z, actions, steps))
 
     def init(self, s1: Float[Array, " state"], horizon: int) -> _MarkovCarry:
-        self._check_horizon(horizon)
-        z1 = self.normaliser.normalise(self._check_state(s1))
-        return _MarkovCarry(z1, jnp.zeros((), jnp.int32))
+        return _MarkovCarry(self._initial(s1, horizon), jnp.zeros((), jnp.int32))
 
     def step(self, carry: _MarkovCarry, action: Float[Array, " action"]):
         z = self._next(carry.z, self._check_action(action), carry.step)
