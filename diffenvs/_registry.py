@@ -44,16 +44,7 @@ def register(name: str, factory: EnvFactory, *, overwrite: bool = False) -> None
             `AbstractEnv`. A subclass of `AbstractEnv` is itself such a factory.
         overwrite: replace an existing task of the same name instead of failing.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r}.")
-    if not callable(factory):
-        raise TypeError(f"factory must be callable, got {factory!r}.")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(
-            f"a task named {name!r} is already registered; pass overwrite=True to "
-            f"replace it."
-        )
-    _REGISTRY[name] = factory
+    add_entry(_REGISTRY, "task", name, factory, overwrite)
 
 
 def names() -> tuple[str, ...]:
@@ -73,12 +64,7 @@ def make(name: str, horizon: int, **options) -> AbstractEnv:
     Returns:
         The task, an `AbstractEnv`.
     """
-    try:
-        factory = _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown task name={name!r}; valid names are: {', '.join(names())}."
-        ) from None
+    factory = lookup(_REGISTRY, "task", name)
     try:
         env = factory(horizon=horizon, **options)
     except TypeError as error:
@@ -97,6 +83,36 @@ def make(name: str, horizon: int, **options) -> AbstractEnv:
             f"expected an AbstractEnv."
         )
     return env
+
+
+def add_entry(
+    registry: dict[str, Callable],
+    kind: str,
+    name: str,
+    factory: Callable,
+    overwrite: bool,
+) -> None:
+    """Add `factory` under `name` to `registry` (of tasks, of models: `kind`)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}.")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {factory!r}.")
+    if name in registry and not overwrite:
+        raise ValueError(
+            f"a {kind} named {name!r} is already registered; pass overwrite=True to "
+            f"replace it."
+        )
+    registry[name] = factory
+
+
+def lookup(registry: dict[str, Callable], kind: str, name: str) -> Callable:
+    """The factory registered as `name`, or an error that lists the valid names."""
+    try:
+        return registry[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown {kind} name={name!r}; valid names are: {', '.join(registry)}."
+        ) from None
 
 
 def _options_of(factory: EnvFactory) -> set[str]:

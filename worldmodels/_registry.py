@@ -10,6 +10,7 @@ import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
 import diffenvs
+from diffenvs._registry import add_entry, lookup
 
 from ._awm import AWM
 from ._backbones._recurrent import LSTM, RNN
@@ -71,16 +72,7 @@ def register(name: str, factory: ModelFactory, *, overwrite: bool = False) -> No
             **sizes)`; returns a world model.
         overwrite: replace an existing configuration of the same name.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r}.")
-    if not callable(factory):
-        raise TypeError(f"factory must be callable, got {factory!r}.")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(
-            f"a model named {name!r} is already registered; pass overwrite=True to "
-            f"replace it."
-        )
-    _REGISTRY[name] = factory
+    add_entry(_REGISTRY, "model", name, factory, overwrite)
 
 
 def names() -> tuple[str, ...]:
@@ -135,9 +127,4 @@ def make(
 
 
 def _lookup(name: str) -> ModelFactory:
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown model name={name!r}; valid names are: {', '.join(names())}."
-        ) from None
+    return lookup(_REGISTRY, "model", name)
