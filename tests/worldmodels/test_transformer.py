@@ -12,11 +12,24 @@ import pytest
 from helpers import assert_close
 
 import worldmodels
+from worldmodels._backbones import _transformer
 
 
 @pytest.mark.parametrize("length", [1, 7, 64, 150])
 def test_parallel_equals_cache_values_and_gradients(x64, length):
-    """150 steps are two full blocks of 64 queries and a padded one of 22."""
+    """150 steps are two full blocks of 64 queries and a short one of 22."""
+    _check_parallel_against_cache(length)
+
+
+def test_long_sequence_has_longer_blocks(x64, monkeypatch):
+    """Past `_MAX_BLOCKS` blocks of 64 the blocks grow instead: here 150 steps in
+    two blocks of 75."""
+    monkeypatch.setattr(_transformer, "_MAX_BLOCKS", 2)
+    assert _transformer._query_blocks(150) == [(0, 75), (75, 150)]
+    _check_parallel_against_cache(150)
+
+
+def _check_parallel_against_cache(length: int) -> None:
     key, inputs_key, cotangent_key = jr.split(jr.key(0), 3)
     transformer = worldmodels.Transformer(150, width=12, num_heads=3, key=key)
     inputs = jr.normal(inputs_key, (length, 12))

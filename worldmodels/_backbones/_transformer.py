@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import equinox as eqx
@@ -37,103 +36,87 @@ def _attention(
     return jnp.einsum("hqk,hkd->hqd", weights, v)
 
 
-# Queries per block of the blocked causal attention below.
+# Queries per block of the blocked causal attention below, and the most blocks it
+# writes out (a longer sequence gets longer blocks, so compile time stays bounded).
 _BLOCK = 64
+_MAX_BLOCKS = 16
 
 
-def _blocks(x: Array, block: int) -> Array:
-    """(heads, time, d) -> (blocks, heads, block, d), zero-padded at the end."""
-    count = -(-x.shape[1] // block)
-    x = jnp.pad(x, ((0, 0), (0, count * block - x.shape[1]), (0, 0)))
-    return x.reshape(x.shape[0], count, block, x.shape[2]).transpose(1, 0, 2, 3)
+def _query_blocks(time: int) -> list[tuple[int, int]]:
+    """`(start, stop)` of each block of queries; block `[start, stop)` attends to
+    the first `stop` keys only."""
+    block = max(_BLOCK, -(-time // _MAX_BLOCKS))
+    return [(start, min(start + block, time)) for start in range(0, time, block)]
 
 
-def _unblock(x: Array, time: int) -> Array:
-    count, heads, block, d = x.shape
-    return x.transpose(1, 0, 2, 3).reshape(heads, count * block, d)[:, :time]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _causal_attention(q: Array, k: Array, v: Array, block: int) -> Array:
-    """Causal attention computed one block of queries at a time, with a backward
-    pass that recomputes each block's weights instead of storing the whole
-    (heads, time, time) matrix.
-
-    The same arithmetic as `_attention` with a lower-triangular mask. Working on one
-    block at a time keeps the scores in cache: at 500 steps and batch 16 this
-    halved the time of attention's forward and backward pass on CPU
-    (benchmarks/test_models.py). Reverse mode only: `jax.jvp` through it raises.
-    """
-    return _causal_attention_forward(q, k, v, block)[0]
-
-
-def _visible(start: Array, block: int, keys: int) -> Array:
-    return jnp.arange(keys)[None, :] <= (start + jnp.arange(block))[:, None]
-
-
-def _causal_attention_forward(q, k, v, block):
-    time = q.shape[1]
+def _block_scores(q: Array, k: Array, start: int, stop: int) -> tuple[Array, Array]:
+    """The scaled scores of queries `[start, stop)` against keys `[0, stop)`, and
+    which of them are visible (key <= query)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    starts = jnp.arange(0, -(-time // block) * block, block)
+    scores = jnp.einsum("hqd,hkd->hqk", q[:, start:stop], k[:, :stop]) * scale
+    visible = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+    return scores, visible
 
-    def one_block(inputs):
-        q_block, start = inputs
-        scores = jnp.einsum("hqd,hkd->hqk", q_block, k) * scale
-        scores = jnp.where(_visible(start, block, k.shape[1]), scores, -jnp.inf)
+
+@jax.custom_vjp
+def _causal_attention(q: Array, k: Array, v: Array) -> Array:
+    """Causal attention computed one block of queries at a time, each block against
+    only the keys it can see, with a backward pass that recomputes each block's
+    weights instead of storing the whole (heads, time, time) matrix.
+
+    The same arithmetic as `_attention` with a lower-triangular mask. Blocks keep
+    the scores in cache, and a block of queries skips the keys it cannot see,
+    about 43% of the square at 500 steps: that made the model's forward and
+    backward pass about 1.5 times faster on CPU than the same blocks over all the
+    keys (benchmarks/README.md). The blocks are a Python loop, so that each has its
+    own static shape. Reverse mode only: `jax.jvp` through it raises.
+    """
+    return _causal_attention_forward(q, k, v)[0]
+
+
+def _causal_attention_forward(q, k, v):
+    outs, log_totals = [], []
+    for start, stop in _query_blocks(q.shape[1]):
+        scores, visible = _block_scores(q, k, start, stop)
+        scores = jnp.where(visible, scores, -jnp.inf)
         peak = jnp.max(scores, axis=-1, keepdims=True)
         exp = jnp.exp(scores - peak)
         total = jnp.sum(exp, axis=-1, keepdims=True)
-        out = jnp.einsum("hqk,hkd->hqd", exp, v) / total
-        return out, (peak + jnp.log(total))[..., 0]
-
-    out, log_total = jax.lax.map(one_block, (_blocks(q, block), starts))
-    out = _unblock(out, time)
-    return out, (q, k, v, out, log_total)
+        outs.append(jnp.einsum("hqk,hkd->hqd", exp, v[:, :stop]) / total)
+        log_totals.append(peak + jnp.log(total))
+    out = jnp.concatenate(outs, axis=1)
+    return out, (q, k, v, out, jnp.concatenate(log_totals, axis=1))
 
 
-def _causal_attention_backward(block, residuals, out_grad):
+def _causal_attention_backward(residuals, out_grad):
     q, k, v, out, log_total = residuals
-    time = q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
-    starts = jnp.arange(0, -(-time // block) * block, block)
     # d softmax: dS = P * (dP - rowsum(dO * O)).
     row_dot = jnp.sum(out_grad * out, axis=-1, keepdims=True)
-
-    def one_block(carry, inputs):
-        k_grad, v_grad = carry
-        q_block, grad_block, dot_block, log_block, start = inputs
-        scores = jnp.einsum("hqd,hkd->hqk", q_block, k) * scale
-        weights = jnp.where(
-            _visible(start, block, k.shape[1]),
-            jnp.exp(scores - log_block[..., None]),
-            0.0,
-        )
-        weights_grad = jnp.einsum("hqd,hkd->hqk", grad_block, v)
-        scores_grad = weights * (weights_grad - dot_block) * scale
-        q_grad = jnp.einsum("hqk,hkd->hqd", scores_grad, k)
+    heads, keys, head = k.shape
+    k_grad = v_grad = jnp.zeros((heads, head, keys), k.dtype)
+    q_grads = []
+    for start, stop in _query_blocks(q.shape[1]):
+        scores, visible = _block_scores(q, k, start, stop)
+        weights = jnp.where(visible, jnp.exp(scores - log_total[:, start:stop]), 0.0)
+        grad_block = out_grad[:, start:stop]
+        weights_grad = jnp.einsum("hqd,hkd->hqk", grad_block, v[:, :stop])
+        scores_grad = weights * (weights_grad - row_dot[:, start:stop]) * scale
+        q_grads.append(jnp.einsum("hqk,hkd->hqd", scores_grad, k[:, :stop]))
         # The key and value gradients contract the (block, keys) matrices over the
         # block, their leading axis. Written as (keys, head) products, XLA on CPU
-        # ran them about three times slower per FLOP than the other products here
-        # (a quarter of the whole backward pass). As (head, keys) products, with the
-        # small (block, head) operands on the left, they run at the speed of the
-        # others; the gradients are accumulated transposed and turned once at the
-        # end. The backward pass got about 25% faster (benchmarks/test_models.py).
-        v_grad = v_grad + jnp.einsum("hqd,hqk->hdk", grad_block, weights)
-        k_grad = k_grad + jnp.einsum("hqd,hqk->hdk", q_block, scores_grad)
-        return (k_grad, v_grad), q_grad
-
-    inputs = (
-        _blocks(q, block),
-        _blocks(out_grad, block),
-        _blocks(row_dot, block),
-        log_total,
-        starts,
-    )
-    heads, keys, head = k.shape
-    zeros = jnp.zeros((heads, head, keys), k.dtype)
-    (k_grad, v_grad), q_grad = jax.lax.scan(one_block, (zeros, zeros), inputs)
-    k_grad, v_grad = jnp.swapaxes(k_grad, 1, 2), jnp.swapaxes(v_grad, 1, 2)
-    return _unblock(q_grad, time), k_grad, v_grad
+        # ran them about three times slower per FLOP than the other products here.
+        # As (head, keys) products, with the small (block, head) operands on the
+        # left, they run at the speed of the others; the gradients are accumulated
+        # transposed and turned once at the end.
+        v_grad = v_grad.at[:, :, :stop].add(
+            jnp.einsum("hqd,hqk->hdk", grad_block, weights)
+        )
+        k_grad = k_grad.at[:, :, :stop].add(
+            jnp.einsum("hqd,hqk->hdk", q[:, start:stop], scores_grad)
+        )
+    q_grad = jnp.concatenate(q_grads, axis=1)
+    return q_grad, jnp.swapaxes(k_grad, 1, 2), jnp.swapaxes(v_grad, 1, 2)
 
 
 _causal_attention.defvjp(_causal_attention_forward, _causal_attention_backward)
@@ -178,8 +161,7 @@ class _Block(eqx.Module):
 
     def __call__(self, x: Float[Array, "time width"]) -> Float[Array, "time width"]:
         q, k, v = self._heads(x)
-        block = min(_BLOCK, x.shape[0])
-        return self._finish(x, _causal_attention(q, k, v, block))
+        return self._finish(x, _causal_attention(q, k, v))
 
     def step(
         self,
