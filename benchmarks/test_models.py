@@ -180,6 +180,12 @@ def straightforward_attention(
     return tuple(layers)
 
 
+def _loss(model, s1: jax.Array, actions: jax.Array) -> jax.Array:
+    """The loss whose gradient the FLOP/s cases time: the mean square of a batch of
+    predictions."""
+    return jnp.mean(jnp.square(jax.vmap(model.predict)(s1, actions)))
+
+
 def _matmul(size: int):
     x = jr.normal(jr.key(2), (size, size))
     y = jr.normal(jr.key(3), (size, size))
@@ -218,10 +224,7 @@ def test_transformer_flops_against_matmul_ceiling(placement, benchmark, models_r
     model, s1, actions = _setup(HORIZON, BATCH)
     name = "awm-transformer"
 
-    def loss(model, s1, actions):
-        return jnp.mean(jnp.square(jax.vmap(model.predict)(s1, actions)))
-
-    step = eqx.filter_jit(eqx.filter_grad(loss))
+    step = eqx.filter_jit(eqx.filter_grad(_loss))
     if placement == "batch_over_cores":
         # Data parallelism, as one would use the cores of a machine for a batch:
         # the batch split over the CPU devices, the model replicated, the same
@@ -248,7 +251,7 @@ def test_transformer_flops_against_matmul_ceiling(placement, benchmark, models_r
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
     params, static = eqx.partition(model, eqx.is_array)
     lowered = jax.jit(
-        lambda p, s, a: eqx.filter_grad(loss)(eqx.combine(p, static), s, a)
+        lambda p, s, a: eqx.filter_grad(_loss)(eqx.combine(p, static), s, a)
     ).lower(params, s1, actions)
     xla_flops = (lowered.compile().cost_analysis() or {}).get("flops", float("nan"))
 
@@ -305,15 +308,12 @@ def test_transformer_against_straightforward(benchmark, models_results):
         atol=1e-4,
     )
 
-    def loss(model, s1, actions):
-        return jnp.mean(jnp.square(jax.vmap(model.predict)(s1, actions)))
-
     def straightforward_loss(both, s1, actions):
         model, attention = both
         predict = lambda s, a: straightforward_predict(model, attention, s, a)  # noqa: E731
         return jnp.mean(jnp.square(jax.vmap(predict)(s1, actions)))
 
-    step = eqx.filter_jit(eqx.filter_grad(loss))
+    step = eqx.filter_jit(eqx.filter_grad(_loss))
     straightforward = eqx.filter_jit(eqx.filter_grad(straightforward_loss))
     both = (model, straightforward_attention(backbone))
     jax.block_until_ready(step(model, s1, actions))
