@@ -6,7 +6,6 @@ from __future__ import annotations
 import abc
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -16,6 +15,7 @@ from diffenvs._errors import error_if
 from ._backbones._backbone import AbstractBackbone, Carry
 from ._model import AbstractWorldModel
 from ._normaliser import Normaliser
+from ._rollout import rollout
 
 
 class AbstractLearnedModel(AbstractWorldModel):
@@ -50,13 +50,7 @@ class AbstractLearnedModel(AbstractWorldModel):
     ) -> Float[Array, "horizon state"]:
         """The model's own step-by-step rollout, each prediction fed back as the
         next input (a model with a parallel form overrides this)."""
-        actions = self._check_actions(actions)
-        _, states = jax.lax.scan(
-            lambda carry, action: self.step(carry, action),
-            self.init(s1, actions.shape[0]),
-            actions,
-        )
-        return states
+        return rollout(self, s1, self._check_actions(actions))
 
     def teacher_forced(
         self,

@@ -12,6 +12,8 @@ from jaxtyping import Array, Float, Int
 
 import diffenvs
 
+from ._rollout import rollout
+
 Carry = Any
 
 
@@ -148,7 +150,4 @@ def unroll(
     """The states of an open-loop action sequence generated one step at a time
     through the incremental interface. Equal to `model.predict(s1, actions)` to
     float tolerance; this is how closed-loop generation runs. Single example."""
-    stepper = incremental(model, actions.shape[-1])
-    carry = stepper.init(s1, actions.shape[0])
-    _, states = jax.lax.scan(lambda c, action: stepper.step(c, action), carry, actions)
-    return states
+    return rollout(incremental(model, actions.shape[-1]), s1, actions)

@@ -178,13 +178,24 @@ class _Block(eqx.Module):
         return self._finish(x, attended), keys, values
 
 
-class _Cache(eqx.Module):
+class KeyValueCache(eqx.Module):
     """The key-value cache: every layer's keys and values of the steps so far,
-    in buffers of the sequence's full length, and the next position."""
+    in buffers of the sequence's full length, and the next position.
 
-    keys: tuple[Float[Array, "heads horizon head"], ...]
-    values: tuple[Float[Array, "heads horizon head"], ...]
+    A step writes row `position` of every buffer and reads rows 0 ... `position`
+    only, so it computes the same from any later state of the buffers; the
+    rollouts of `worldmodels._rollout` rely on this.
+    """
+
+    keys: tuple[Float[Array, "heads horizon head"], ...] | None
+    values: tuple[Float[Array, "heads horizon head"], ...] | None
     position: Int[Array, ""]
+
+    def without_buffers(self) -> KeyValueCache:
+        return KeyValueCache(None, None, self.position)
+
+    def with_buffers(self, other: KeyValueCache) -> KeyValueCache:
+        return KeyValueCache(other.keys, other.values, self.position)
 
 
 class Transformer(AbstractBackbone):
@@ -260,7 +271,7 @@ class Transformer(AbstractBackbone):
             x = block(x)
         return _layer_norm(self.final_norm, x)
 
-    def init(self, horizon: int) -> _Cache:
+    def init(self, horizon: int) -> KeyValueCache:
         if horizon > self.max_length:
             raise ValueError(
                 f"horizon={horizon} exceeds the transformer's max_length="
@@ -270,9 +281,10 @@ class Transformer(AbstractBackbone):
         heads = block.num_heads
         shape = (heads, horizon, self.in_size // heads)
         empty = tuple(jnp.zeros(shape, self.positions.dtype) for _ in self.blocks)
-        return _Cache(empty, empty, jnp.zeros((), jnp.int32))
+        return KeyValueCache(empty, empty, jnp.zeros((), jnp.int32))
 
-    def step(self, carry: _Cache, x: Float[Array, " width"]):
+    def step(self, carry: KeyValueCache, x: Float[Array, " width"]):
+        assert carry.keys is not None and carry.values is not None
         position = carry.position
         x = (x + self.positions[position])[None]
         visible = jnp.arange(carry.keys[0].shape[1]) <= position
@@ -282,7 +294,7 @@ class Transformer(AbstractBackbone):
             keys.append(k)
             values.append(v)
         out = _layer_norm(self.final_norm, x)[0]
-        return _Cache(tuple(keys), tuple(values), position + 1), out
+        return KeyValueCache(tuple(keys), tuple(values), position + 1), out
 
 
 def _gpt2_linear(
