@@ -26,6 +26,11 @@ run.
    and 500 and fitted on log-log axes; the predict-only default, which does
    recompute the prefix, is measured beside it.
 
+4. The transformer HWM's gradient through its step-by-step `predict` (it feeds
+   back its own predictions), batch 16, H = 500: XLA's scratch memory for the
+   compiled gradient and its time, against scanning `step` under plain
+   automatic differentiation, which stores every step's key-value cache.
+
 Run with `pytest benchmarks --benchmark`; numbers go to
 `benchmarks/results/models.json`, a plot to `benchmarks/results/models.png`.
 """
@@ -200,6 +205,7 @@ def models_results(write_results, results_dir: Path, summary) -> Iterator[dict]:
         "flops": {},
         "straightforward": {},
         "generation": {},
+        "hwm_gradient": {},
     }
     yield results
     if not any(results.values()):
@@ -400,6 +406,56 @@ def test_generation_against_parallel_predict(batch, benchmark, models_results):
     models_results["generation"][f"batch{batch}"] = case
 
 
+def test_hwm_gradient_against_plain_scan(benchmark, models_results):
+    env = diffenvs.make(TASK, horizon=HORIZON)
+    model = worldmodels.make("hwm-transformer", env, key=jr.key(0))
+    _, s1, actions = _setup(HORIZON, BATCH)
+
+    def plain_scan(model, s1, actions):
+        step = lambda carry, action: model.step(carry, action)  # noqa: E731
+        return jax.lax.scan(step, model.init(s1, actions.shape[0]), actions)[1]
+
+    def loss(predict):
+        return lambda p, s, a: jnp.mean(
+            jnp.square(
+                jax.vmap(lambda s, a: predict(eqx.combine(p, static), s, a))(s, a)
+            )
+        )
+
+    params, static = eqx.partition(model, eqx.is_array)
+    compiled = {
+        name: jax.jit(jax.grad(loss(predict))).lower(params, s1, actions).compile()
+        for name, predict in [
+            ("cached", lambda m, s, a: m.predict(s, a)),
+            ("plain", plain_scan),
+        ]
+    }
+    scratch = {
+        name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()
+    }
+    got, want = (compiled[name](params, s1, actions) for name in ("cached", "plain"))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+    timings = interleaved(
+        benchmark,
+        _bind(compiled["cached"], params, s1, actions),
+        _bind(compiled["plain"], params, s1, actions),
+    )
+    stats = ratio_stats(timings.baseline, timings.candidate)
+    models_results["hwm_gradient"] = {
+        "batch": BATCH,
+        "horizon": HORIZON,
+        "cached_scratch_bytes": scratch["cached"],
+        "plain_scratch_bytes": scratch["plain"],
+        "memory_ratio": scratch["plain"] / scratch["cached"],
+        "cached_median_s": statistics.median(timings.candidate),
+        "plain_median_s": statistics.median(timings.baseline),
+        # Speed-up: plain-scan time / cached time, per round.
+        **{k.replace("ratio", "speedup"): v for k, v in stats.items()},
+    }
+
+
 def _scaling() -> dict[str, Any]:
     """Per-step time of generation through the cache and through the
     predict-only default, at three horizons (batch 1)."""
@@ -483,6 +539,19 @@ def _lines(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"~ H^{scaling['cache_exponent']:.2f} vs H^"
                 f"{scaling['default_exponent']:.2f}"
             )
+    case = results["hwm_gradient"]
+    if case:
+        lines.append(
+            f"transformer HWM gradient through step-by-step predict, batch "
+            f"{case['batch']}, H = {case['horizon']}: scratch memory "
+            f"{case['cached_scratch_bytes'] / 1e6:.0f} MB vs "
+            f"{case['plain_scratch_bytes'] / 1e6:.0f} MB for a plain scan of step "
+            f"({case['memory_ratio']:.0f}x less); "
+            f"{format_time(case['cached_median_s'])} vs "
+            f"{format_time(case['plain_median_s'])}: "
+            f"{case['speedup_median']:.2f}x faster (IQR {case['speedup_p25']:.2f}-"
+            f"{case['speedup_p75']:.2f})"
+        )
     return lines
 
 
