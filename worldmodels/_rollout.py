@@ -42,15 +42,20 @@ def rollout(
     """
     carry = jax.eval_shape(lambda: stepper.init(s1, actions.shape[0]))
     if not any(_is_cache(x) for x in jax.tree.leaves(carry, is_leaf=_is_cache)):
-        return _scan(stepper, s1, actions)[2]
+        return _plain_scan(stepper, s1, actions)
     return _cached_rollout(stepper, s1, actions)
+
+
+def _plain_scan(stepper, s1, actions):
+    step = lambda carry, action: stepper.step(carry, action)  # noqa: E731
+    return jax.lax.scan(step, stepper.init(s1, actions.shape[0]), actions)[1]
 
 
 def _is_cache(x: Any) -> bool:
     return isinstance(x, KeyValueCache)
 
 
-def _scan(stepper, s1, actions):
+def _scan_with_history(stepper, s1, actions):
     """The final carry, every step's carry without its cache buffers, the states."""
 
     def body(carry, action):
@@ -92,7 +97,7 @@ def _zeros_for_none(tangent, primal):
 
 @eqx.filter_custom_jvp
 def _cached_rollout(stepper, s1, actions):
-    return _scan(stepper, s1, actions)[2]
+    return _plain_scan(stepper, s1, actions)
 
 
 @_cached_rollout.def_jvp
@@ -100,7 +105,7 @@ def _cached_rollout_jvp(primals, tangents):
     stepper, s1, actions = primals
     stepper_tangent, s1_tangent, actions_tangent = tangents
     horizon = actions.shape[0]
-    final, partials, states = _scan(stepper, s1, actions)
+    final, partials, states = _scan_with_history(stepper, s1, actions)
 
     init = lambda model, s: model.init(s, horizon)  # noqa: E731
     carry, carry_tangent = eqx.filter_jvp(
