@@ -55,6 +55,7 @@ from _timing import format_time, interleaved, machine, quick_time, ratio_stats
 import diffenvs
 import worldmodels
 from worldmodels._backbones._transformer import _query_blocks
+from worldmodels._rollout import _plain_scan
 
 HORIZON = 500
 BATCH = 16
@@ -411,10 +412,6 @@ def test_hwm_gradient_against_plain_scan(benchmark, models_results):
     model = worldmodels.make("hwm-transformer", env, key=jr.key(0))
     _, s1, actions = _setup(HORIZON, BATCH)
 
-    def plain_scan(model, s1, actions):
-        step = lambda carry, action: model.step(carry, action)  # noqa: E731
-        return jax.lax.scan(step, model.init(s1, actions.shape[0]), actions)[1]
-
     def loss(predict):
         return lambda p, s, a: jnp.mean(
             jnp.square(
@@ -427,7 +424,7 @@ def test_hwm_gradient_against_plain_scan(benchmark, models_results):
         name: jax.jit(jax.grad(loss(predict))).lower(params, s1, actions).compile()
         for name, predict in [
             ("cached", lambda m, s, a: m.predict(s, a)),
-            ("plain", plain_scan),
+            ("plain", _plain_scan),
         ]
     }
     scratch = {

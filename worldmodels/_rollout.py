@@ -47,6 +47,7 @@ def rollout(
 
 
 def _plain_scan(stepper, s1, actions):
+    """`stepper.step` scanned, differentiated by JAX alone."""
     step = lambda carry, action: stepper.step(carry, action)  # noqa: E731
     return jax.lax.scan(step, stepper.init(s1, actions.shape[0]), actions)[1]
 

@@ -13,14 +13,12 @@ from helpers import assert_close, make_float64
 import diffenvs
 import worldmodels
 
+# The reference: `step` scanned, differentiated by JAX alone (the route of a
+# carry without a cache).
+from worldmodels._rollout import _plain_scan as plain_scan
+
 # The built-in models whose step carries a key-value cache.
 CACHED = ["hwm-transformer", "awm-transformer"]
-
-
-def plain_scan(model, s1, actions):
-    """The reference: `step` scanned, differentiated by JAX alone."""
-    step = lambda carry, action: model.step(carry, action)  # noqa: E731
-    return jax.lax.scan(step, model.init(s1, actions.shape[0]), actions)[1]
 
 
 def lively(model):
