@@ -17,6 +17,12 @@ change nothing) and carries the tangent of the cache. Reverse mode transposes
 that scan; each step is rematerialised from its inputs, so the derivative stores
 O(H) numbers per example instead of O(H²), at the cost of recomputing the
 forward pass once.
+
+A step also reads its buffers' whole length, rows after its own masked. So these
+rollouts run in a few segments of equal length, each with buffers only as long as
+its last step needs: the steps then read H/2 + H/(2n) rows on average over n
+segments instead of H (generation at H = 500 is about a quarter faster with 3).
+Each segment is one more loop to compile, hence few of them.
 """
 
 from __future__ import annotations
@@ -56,6 +62,39 @@ def _is_cache(x: Any) -> bool:
     return isinstance(x, KeyValueCache)
 
 
+# The shortest segment, and the most segments, of a rollout through a cache.
+_SEGMENT = 128
+_MAX_SEGMENTS = 4
+
+
+def _segment_stops(horizon: int) -> list[int]:
+    """Where each segment of a rollout of `horizon` steps ends (equal lengths)."""
+    count = max(1, min(_MAX_SEGMENTS, horizon // _SEGMENT))
+    return [horizon * (i + 1) // count for i in range(count)]
+
+
+def _resized(carry, length: int):
+    """`carry` with every cache's buffers resized to `length` rows."""
+    return jax.tree.map(
+        lambda x: x.resized(length) if _is_cache(x) else x, carry, is_leaf=_is_cache
+    )
+
+
+def _segmented_scan(body_for, carry, xs, horizon: int):
+    """`jax.lax.scan` over the `horizon` rows of `xs` in segments; the segment that
+    ends at step `stop` runs `body_for(stop)` with the caches in its carry resized
+    to `stop` rows (the last segment's to `horizon`)."""
+    outputs, start = [], 0
+    for stop in _segment_stops(horizon):
+        segment = jax.tree.map(lambda x, a=start, b=stop: x[a:b], xs)
+        carry, output = jax.lax.scan(body_for(stop), _resized(carry, stop), segment)
+        outputs.append(output)
+        start = stop
+    if len(outputs) == 1:
+        return carry, outputs[0]
+    return carry, jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
+
+
 def _scan_with_history(stepper, s1, actions):
     """The final carry, every step's carry without its cache buffers, the states."""
 
@@ -63,8 +102,9 @@ def _scan_with_history(stepper, s1, actions):
         new, state = stepper.step(carry, action)
         return new, (_without_buffers(carry), state)
 
-    final, (partials, states) = jax.lax.scan(
-        body, stepper.init(s1, actions.shape[0]), actions
+    horizon = actions.shape[0]
+    final, (partials, states) = _segmented_scan(
+        lambda _: body, stepper.init(s1, horizon), actions, horizon
     )
     return final, partials, states
 
@@ -98,7 +138,10 @@ def _zeros_for_none(tangent, primal):
 
 @eqx.filter_custom_jvp
 def _cached_rollout(stepper, s1, actions):
-    return _plain_scan(stepper, s1, actions)
+    step = lambda carry, action: stepper.step(carry, action)  # noqa: E731
+    horizon = actions.shape[0]
+    init = stepper.init(s1, horizon)
+    return _segmented_scan(lambda _: step, init, actions, horizon)[1]
 
 
 @_cached_rollout.def_jvp
@@ -116,9 +159,9 @@ def _cached_rollout_jvp(primals, tangents):
     actions_tangent = _zeros_for_none(actions_tangent, actions)
 
     @eqx.filter_checkpoint
-    def tangent_step(carry_tangent, partial, action, action_tangent):
-        # Step t's carry rebuilt with the final cache; reverse mode stores only
-        # these arguments and recomputes the step.
+    def tangent_step(final, carry_tangent, partial, action, action_tangent):
+        # Step t's carry rebuilt with the final cache (cut to the segment's
+        # length); reverse mode stores only these arguments and recomputes the step.
         carry = _with_buffers(partial, final)
         step = lambda model, c, a: model.step(c, a)  # noqa: E731
         (new, _), (new_tangent, state_tangent) = eqx.filter_jvp(
@@ -130,10 +173,13 @@ def _cached_rollout_jvp(primals, tangents):
             state_tangent, states[0]
         )
 
-    def body(carry_tangent, inputs):
-        return tangent_step(carry_tangent, *inputs)
+    def body_for(stop):
+        final_cut = _resized(final, stop)
+        return lambda carry_tangent, inputs: tangent_step(
+            final_cut, carry_tangent, *inputs
+        )
 
-    _, states_tangent = jax.lax.scan(
-        body, carry_tangent, (partials, actions, actions_tangent)
+    _, states_tangent = _segmented_scan(
+        body_for, carry_tangent, (partials, actions, actions_tangent), horizon
     )
     return states, states_tangent

@@ -197,6 +197,22 @@ class KeyValueCache(eqx.Module):
     def with_buffers(self, other: KeyValueCache) -> KeyValueCache:
         return KeyValueCache(other.keys, other.values, self.position)
 
+    def resized(self, length: int) -> KeyValueCache:
+        """The cache with buffers of `length` rows: the first `length` rows of
+        these, or these followed by rows of zeros. A step reads its buffers' whole
+        length (rows after `position` masked), so shorter buffers make early steps
+        cheaper; the caller keeps `position < length`."""
+        assert self.keys is not None and self.values is not None
+
+        def resize(buffer: Array) -> Array:
+            extra = length - buffer.shape[1]
+            if extra <= 0:
+                return buffer[:, :length]
+            return jnp.pad(buffer, ((0, 0), (0, extra), (0, 0)))
+
+        keys = tuple(map(resize, self.keys))
+        return KeyValueCache(keys, tuple(map(resize, self.values)), self.position)
+
 
 class Transformer(AbstractBackbone):
     """A causal transformer in the style of GPT-2 (arXiv App. C: 2 layers, 3 heads,
