@@ -54,8 +54,15 @@ def rollout(
 
 def _plain_scan(stepper, s1, actions):
     """`stepper.step` scanned, differentiated by JAX alone."""
-    step = lambda carry, action: stepper.step(carry, action)  # noqa: E731
-    return jax.lax.scan(step, stepper.init(s1, actions.shape[0]), actions)[1]
+    return jax.lax.scan(_step_of(stepper), stepper.init(s1, actions.shape[0]), actions)[
+        1
+    ]
+
+
+def _step_of(stepper):
+    # A plain function rather than the bound method: `jax.lax.scan` hashes the
+    # function it is given, and an Equinox bound method hashes its module's arrays.
+    return lambda carry, action: stepper.step(carry, action)
 
 
 def _is_cache(x: Any) -> bool:
@@ -90,8 +97,6 @@ def _segmented_scan(body_for, carry, xs, horizon: int):
         carry, output = jax.lax.scan(body_for(stop), _resized(carry, stop), segment)
         outputs.append(output)
         start = stop
-    if len(outputs) == 1:
-        return carry, outputs[0]
     return carry, jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
 
 
@@ -138,9 +143,9 @@ def _zeros_for_none(tangent, primal):
 
 @eqx.filter_custom_jvp
 def _cached_rollout(stepper, s1, actions):
-    step = lambda carry, action: stepper.step(carry, action)  # noqa: E731
     horizon = actions.shape[0]
     init = stepper.init(s1, horizon)
+    step = _step_of(stepper)
     return _segmented_scan(lambda _: step, init, actions, horizon)[1]
 
 
