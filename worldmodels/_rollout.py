@@ -54,9 +54,9 @@ def rollout(
 
 def _plain_scan(stepper, s1, actions):
     """`stepper.step` scanned, differentiated by JAX alone."""
-    return jax.lax.scan(_step_of(stepper), stepper.init(s1, actions.shape[0]), actions)[
-        1
-    ]
+    carry = stepper.init(s1, actions.shape[0])
+    _, states = jax.lax.scan(_step_of(stepper), carry, actions)
+    return states
 
 
 def _step_of(stepper):

@@ -135,9 +135,8 @@ def _causal_attention_backward(residuals, out_grad):
             jnp.einsum("hqd,hqk->hdk", q[:, start:stop], scores_grad)
         )
     q_grad = jnp.concatenate(q_grads, axis=1)
-    k_grad = k_grad * (
-        1.0 / math.sqrt(head)
-    )  # the gradient of scaled_k, times d scaled_k / dk
+    # That was the gradient of scaled_k; times d scaled_k / dk for k's.
+    k_grad = k_grad * (1.0 / math.sqrt(head))
     return q_grad, jnp.swapaxes(k_grad, 1, 2), jnp.swapaxes(v_grad, 1, 2)
 
 
