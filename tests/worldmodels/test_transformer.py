@@ -67,3 +67,40 @@ def test_causal_attention_gradient_is_causal(x64):
     grad = jax.grad(lambda x: jnp.sum(transformer(x)[t]))(inputs)
     assert np.all(np.asarray(grad[t + 1 :]) == 0.0)
     assert np.all(np.any(np.asarray(grad[: t + 1]) != 0.0, axis=1))
+
+
+@pytest.mark.parametrize("batch", [6, 5])
+def test_batch_in_chunks_equals_one_example_at_a_time(x64, monkeypatch, batch):
+    """Under `jax.vmap` the attention runs a few examples at a time. With room
+    for two examples per chunk, a batch of 6 is three chunks of 2 and a batch of
+    5 five chunks of 1; values and gradients match a loop over the examples."""
+    length, heads, width = 70, 3, 12
+    row = heads * 64 * length * 8  # the largest block's float64 weights, one example
+    monkeypatch.setattr(_transformer, "_CHUNK_BYTES", 2 * row)
+    transformer = worldmodels.Transformer(
+        length, width=width, num_heads=heads, key=jr.key(0)
+    )
+    inputs = jr.normal(jr.key(1), (batch, length, width))
+    cotangent = jr.normal(jr.key(2), (batch, length, width))
+
+    def loss(transformer, inputs):
+        return jnp.sum(jax.vmap(transformer)(inputs) * cotangent)
+
+    batched = eqx.filter_jit(jax.vmap(lambda x: transformer(x)))(inputs)
+    one_by_one = jnp.stack([transformer(x) for x in inputs])
+    assert_close(batched, one_by_one, rtol=1e-12)
+
+    got = eqx.filter_jit(eqx.filter_grad(loss))(transformer, inputs)
+    want = jax.tree.map(
+        lambda *leaves: sum(leaves),
+        *(
+            eqx.filter_grad(lambda m, x, c: jnp.sum(m(x) * c))(transformer, x, c)
+            for x, c in zip(inputs, cotangent, strict=True)
+        ),
+    )
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(g, w, rtol=1e-10)
+    input_grad = jax.grad(loss, argnums=1)(transformer, inputs)
+    one_example = jax.grad(lambda x, c: jnp.sum(transformer(x) * c))
+    for x, c, g in zip(inputs, cotangent, input_grad, strict=True):
+        assert_close(g, one_example(x, c), rtol=1e-10)

@@ -65,6 +65,57 @@ def _block_scores(q: Array, scaled_k: Array, start: int, stop: int) -> Array:
     return scores + np.where(hidden, -np.inf, 0.0).astype(scores.dtype)
 
 
+# The most bytes of one block's (heads, queries, keys) weights that a batch
+# processes at once; see `_in_chunks`.
+_CHUNK_BYTES = 2**20
+
+
+def _in_chunks(fn):
+    """`fn` as it is, but under `jax.vmap` run on a few examples at a time.
+
+    Attention writes (heads, queries, keys) matrices for every block of queries.
+    Over a whole batch they outgrow the CPU's caches: at 500 steps one block of
+    a batch of 16 is 6 MB, and per example the attention ran about twice as
+    slowly at batch 16 as at batch 2. So a batch is cut into chunks small enough
+    that a block's matrices stay in cache (`_CHUNK_BYTES`), processed one after
+    another by a `jax.lax.scan`. Example `i` of a batch goes to chunk `i %
+    count`, so a batch split over devices along its leading axis leaves every
+    chunk split the same way.
+    """
+    chunked = jax.custom_batching.custom_vmap(fn)
+
+    @chunked.def_vmap
+    def rule(size, in_batched, *args):
+        args = jax.tree.map(
+            lambda x, batched: x if batched else jnp.broadcast_to(x, (size, *x.shape)),
+            args,
+            tuple(in_batched),
+        )
+        # The queries lead the arguments of both passes.
+        q = jax.tree.leaves(args)[0]
+        _, heads, time, _ = q.shape
+        block = max(end - start for start, end in _query_blocks(time))
+        most = max(1, _CHUNK_BYTES // (heads * block * time * q.dtype.itemsize))
+        # The largest chunk that divides the batch, so that every chunk is alike.
+        chunk = max(n for n in range(1, min(most, size) + 1) if size % n == 0)
+        count = size // chunk
+        if count == 1:
+            out = jax.vmap(fn)(*args)
+        else:
+            # (size, ...) -> (count, chunk, ...), example i at [i % count, i // count].
+            chunks = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape(chunk, count, *x.shape[1:]), 0, 1),
+                args,
+            )
+            _, out = jax.lax.scan(lambda _, xs: (None, jax.vmap(fn)(*xs)), None, chunks)
+            out = jax.tree.map(
+                lambda y: jnp.swapaxes(y, 0, 1).reshape(size, *y.shape[2:]), out
+            )
+        return out, jax.tree.map(lambda _: True, out)
+
+    return chunked
+
+
 @jax.custom_vjp
 def _causal_attention(q: Array, k: Array, v: Array) -> Array:
     """Causal attention computed one block of queries at a time, each block against
@@ -77,46 +128,50 @@ def _causal_attention(q: Array, k: Array, v: Array) -> Array:
     keys (benchmarks/README.md). The blocks are a Python loop, so that each has its
     own static shape. Reverse mode only: `jax.jvp` through it raises.
 
-    The forward pass keeps each block's unnormalised weights exp(scores - max) and
-    their row sums; the backward pass folds the normalisation into its small
-    (query, head) operands, so it never writes out the normalised weights. This
-    stores about 57% of the (heads, time, time) square at 500 steps. Recomputing
-    the weights in the backward pass instead saved no memory under `jax.jit`:
-    XLA shares the scores product between the two passes and keeps it. Against
-    that version, the whole forward and backward pass is about 10% faster and
-    its scratch memory a fifth smaller; the forward pass alone is as fast
-    (benchmarks/README.md).
+    The forward pass keeps only the row sums of each block's weights; the
+    backward pass computes the weights again, block by block, and folds their
+    normalisation into its small (query, head) operands. So the residuals are the
+    size of the inputs, not of the (heads, time, time) square, and under
+    `jax.vmap` both passes work on a few examples at a time (`_in_chunks`).
     """
     return _causal_attention_forward(q, k, v)[0]
 
 
+def _block_weights(q: Array, scaled_k: Array, start: int, stop: int) -> Array:
+    """The unnormalised weights exp(scores - row maximum) of queries
+    `[start, stop)`; XLA on CPU computes them in one kernel with the product."""
+    scores = _block_scores(q, scaled_k, start, stop)
+    return jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+
+
+@_in_chunks
 def _causal_attention_forward(q, k, v):
     scaled_k = k * (1.0 / math.sqrt(q.shape[-1]))
-    outs, exps, totals = [], [], []
+    outs, totals = [], []
     for start, stop in _query_blocks(q.shape[1]):
-        scores = _block_scores(q, scaled_k, start, stop)
-        exp = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        exp = _block_weights(q, scaled_k, start, stop)
         total = jnp.sum(exp, axis=-1, keepdims=True)
         outs.append(jnp.einsum("hqk,hkd->hqd", exp, v[:, :stop]) / total)
-        exps.append(exp)
         totals.append(total)
     out = jnp.concatenate(outs, axis=1)
-    residuals = (q, scaled_k, v, out, tuple(exps), jnp.concatenate(totals, axis=1))
-    return out, residuals
+    return out, (q, scaled_k, v, out, jnp.concatenate(totals, axis=1))
 
 
+@_in_chunks
 def _causal_attention_backward(residuals, out_grad):
-    q, scaled_k, v, out, exps, total = residuals
+    q, scaled_k, v, out, total = residuals
     # With weights P = E / total: dS = P * (dP - rowsum(dO * O)), dP = dO V^T and
     # dV = P^T dO. The 1 / total goes on the (query, head) and (query, 1)
-    # operands, so the (query, key) matrices are E itself.
+    # operands, so the (query, key) matrices are E itself. E is computed again
+    # exactly as the forward pass did, maximum included, so it matches `total`.
     row_dot = jnp.sum(out_grad * out, axis=-1, keepdims=True)
     inverse = 1.0 / total
     normalised_grad = out_grad * inverse
     heads, keys, head = v.shape
     k_grad = v_grad = jnp.zeros((heads, head, keys), v.dtype)
     q_grads = []
-    for (start, stop), exp in zip(_query_blocks(q.shape[1]), exps, strict=True):
+    for start, stop in _query_blocks(q.shape[1]):
+        exp = _block_weights(q, scaled_k, start, stop)
         weights_grad = jnp.einsum("hqd,hkd->hqk", out_grad[:, start:stop], v[:, :stop])
         scores_grad = exp * (
             (weights_grad - row_dot[:, start:stop]) * inverse[:, start:stop]
