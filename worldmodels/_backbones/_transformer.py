@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import equinox as eqx
@@ -65,12 +66,24 @@ def _block_scores(q: Array, scaled_k: Array, start: int, stop: int) -> Array:
     return scores + np.where(hidden, -np.inf, 0.0).astype(scores.dtype)
 
 
+def _split_heads(rows: Float[Array, "time columns"], num_heads: int, parts: int):
+    """Rows `(time, parts * width)`, `parts` arrays `(time, width)` side by side,
+    as `(parts, heads, time, head)`."""
+    time = rows.shape[0]
+    return rows.reshape(time, parts, num_heads, -1).transpose(1, 2, 0, 3)
+
+
+def _merge_heads(x: Float[Array, "heads time head"]) -> Float[Array, "time width"]:
+    heads, time, head = x.shape
+    return x.transpose(1, 0, 2).reshape(time, heads * head)
+
+
 # The most bytes of one block's (heads, queries, keys) weights that a batch
 # processes at once; see `_in_chunks`.
 _CHUNK_BYTES = 2**20
 
 
-def _in_chunks(fn):
+def _in_chunks(fn, num_heads: int):
     """`fn` as it is, but under `jax.vmap` run on a few examples at a time.
 
     Attention writes (heads, queries, keys) matrices for every block of queries.
@@ -78,9 +91,10 @@ def _in_chunks(fn):
     a batch of 16 is 6 MB, and per example the attention ran about twice as
     slowly at batch 16 as at batch 2. So a batch is cut into chunks small enough
     that a block's matrices stay in cache (`_CHUNK_BYTES`), processed one after
-    another by a `jax.lax.scan`. Example `i` of a batch goes to chunk `i %
-    count`, so a batch split over devices along its leading axis leaves every
-    chunk split the same way.
+    another in a loop. Example `i` of a batch goes to chunk `i % count`, so a
+    batch split over devices along its leading axis leaves every chunk split the
+    same way; each chunk is read from the batch and written back in place, with
+    no copy of the whole batch into the order of the chunks.
     """
     chunked = jax.custom_batching.custom_vmap(fn)
 
@@ -91,35 +105,52 @@ def _in_chunks(fn):
             args,
             tuple(in_batched),
         )
-        # The queries lead the arguments of both passes.
-        q = jax.tree.leaves(args)[0]
-        _, heads, time, _ = q.shape
+        # Every argument is rows of the sequence: (size, time, columns).
+        first = jax.tree.leaves(args)[0]
+        time = first.shape[1]
         block = max(end - start for start, end in _query_blocks(time))
-        most = max(1, _CHUNK_BYTES // (heads * block * time * q.dtype.itemsize))
+        most = max(1, _CHUNK_BYTES // (num_heads * block * time * first.dtype.itemsize))
         # The largest chunk that divides the batch, so that every chunk is alike.
         chunk = max(n for n in range(1, min(most, size) + 1) if size % n == 0)
         count = size // chunk
         if count == 1:
             out = jax.vmap(fn)(*args)
         else:
-            # (size, ...) -> (count, chunk, ...), example i at [i % count, i // count].
-            chunks = jax.tree.map(
-                lambda x: jnp.swapaxes(x.reshape(chunk, count, *x.shape[1:]), 0, 1),
-                args,
+            # (size, ...) -> (chunk, count, ...): example i at [i // count, i % count].
+            args = jax.tree.map(lambda x: x.reshape(chunk, count, *x.shape[1:]), args)
+
+            def take(i):
+                return jax.tree.map(
+                    lambda x: jax.lax.dynamic_index_in_dim(x, i, 1, keepdims=False),
+                    args,
+                )
+
+            shapes = jax.eval_shape(lambda a: jax.vmap(fn)(*a), take(0))
+            empty = jax.tree.map(
+                lambda y: jnp.zeros((chunk, count, *y.shape[1:]), y.dtype), shapes
             )
-            _, out = jax.lax.scan(lambda _, xs: (None, jax.vmap(fn)(*xs)), None, chunks)
-            out = jax.tree.map(
-                lambda y: jnp.swapaxes(y, 0, 1).reshape(size, *y.shape[2:]), out
-            )
+
+            def body(i, out):
+                pieces = jax.vmap(fn)(*take(i))
+                return jax.tree.map(
+                    lambda o, y: jax.lax.dynamic_update_index_in_dim(o, y, i, 1),
+                    out,
+                    pieces,
+                )
+
+            out = jax.lax.fori_loop(0, count, body, empty)
+            out = jax.tree.map(lambda y: y.reshape(size, *y.shape[2:]), out)
         return out, jax.tree.map(lambda _: True, out)
 
     return chunked
 
 
-@jax.custom_vjp
-def _causal_attention(q: Array, k: Array, v: Array) -> Array:
-    """Causal attention computed one block of queries at a time, each block against
-    only the keys it can see, with a hand-written backward pass.
+@functools.cache
+def _causal_attention(num_heads: int):
+    """Causal multi-head attention on rows `(time, 3 * width)` of queries, keys and
+    values, returning rows `(time, width)`: computed one block of queries at a
+    time, each block against only the keys it can see, with a hand-written
+    backward pass.
 
     The same arithmetic as `_attention` with a lower-triangular mask. Blocks keep
     the scores in cache, and a block of queries skips the keys it cannot see,
@@ -132,9 +163,88 @@ def _causal_attention(q: Array, k: Array, v: Array) -> Array:
     backward pass computes the weights again, block by block, and folds their
     normalisation into its small (query, head) operands. So the residuals are the
     size of the inputs, not of the (heads, time, time) square, and under
-    `jax.vmap` both passes work on a few examples at a time (`_in_chunks`).
+    `jax.vmap` both passes work on a few examples at a time (`_in_chunks`). Both
+    passes take and give rows, as the layers around them do, and split the heads
+    apart inside, one chunk at a time, where the chunk is in cache.
     """
-    return _causal_attention_forward(q, k, v)[0]
+
+    @functools.partial(_in_chunks, num_heads=num_heads)
+    def forward(qkv):
+        q, k, v = _split_heads(qkv, num_heads, 3)
+        scaled_k = k * (1.0 / math.sqrt(q.shape[-1]))
+        outs, totals = [], []
+        for start, stop in _query_blocks(q.shape[1]):
+            exp = _block_weights(q, scaled_k, start, stop)
+            total = jnp.sum(exp, axis=-1, keepdims=True)
+            outs.append(jnp.einsum("hqk,hkd->hqd", exp, v[:, :stop]) / total)
+            totals.append(total)
+        out = _merge_heads(jnp.concatenate(outs, axis=1))
+        return out, jnp.concatenate(totals, axis=1)[..., 0].T
+
+    @functools.partial(_in_chunks, num_heads=num_heads)
+    def backward(qkv, out, total, out_grad):
+        q, k, v = _split_heads(qkv, num_heads, 3)
+        head = q.shape[-1]
+        scaled_k = k * (1.0 / math.sqrt(head))
+        out = _split_heads(out, num_heads, 1)[0]
+        out_grad = _split_heads(out_grad, num_heads, 1)[0]
+        total = total.T[..., None]
+        # With weights P = E / total: dS = P * (dP - rowsum(dO * O)), dP = dO V^T
+        # and dV = P^T dO. The 1 / total goes on the (query, head) and (query, 1)
+        # operands, so the (query, key) matrices are E itself. E is computed again
+        # exactly as the forward pass did, maximum included, so it matches `total`.
+        row_dot = jnp.sum(out_grad * out, axis=-1, keepdims=True)
+        inverse = 1.0 / total
+        normalised_grad = out_grad * inverse
+        heads, keys, _ = v.shape
+        k_grad = v_grad = jnp.zeros((heads, head, keys), v.dtype)
+        q_grads = []
+        for start, stop in _query_blocks(q.shape[1]):
+            exp = _block_weights(q, scaled_k, start, stop)
+            weights_grad = jnp.einsum(
+                "hqd,hkd->hqk", out_grad[:, start:stop], v[:, :stop]
+            )
+            scores_grad = exp * (
+                (weights_grad - row_dot[:, start:stop]) * inverse[:, start:stop]
+            )
+            q_grads.append(jnp.einsum("hqk,hkd->hqd", scores_grad, scaled_k[:, :stop]))
+            # The key and value gradients contract the (block, keys) matrices over
+            # the block, their leading axis. Written as (keys, head) products, XLA
+            # on CPU ran them about three times slower per FLOP than the other
+            # products here. As (head, keys) products, with the small (block,
+            # head) operands on the left, they run at the speed of the others; the
+            # gradients are accumulated transposed and turned once at the end.
+            v_grad = v_grad.at[:, :, :stop].add(
+                jnp.einsum("hqd,hqk->hdk", normalised_grad[:, start:stop], exp)
+            )
+            k_grad = k_grad.at[:, :, :stop].add(
+                jnp.einsum("hqd,hqk->hdk", q[:, start:stop], scores_grad)
+            )
+        q_grad = jnp.concatenate(q_grads, axis=1)
+        # That was the gradient of scaled_k; times d scaled_k / dk for k's.
+        k_grad = k_grad * (1.0 / math.sqrt(head))
+        return jnp.concatenate(
+            [
+                _merge_heads(q_grad),
+                _merge_heads(jnp.swapaxes(k_grad, 1, 2)),
+                _merge_heads(jnp.swapaxes(v_grad, 1, 2)),
+            ],
+            axis=1,
+        )
+
+    @jax.custom_vjp
+    def attention(qkv):
+        return forward(qkv)[0]
+
+    def attention_forward(qkv):
+        out, total = forward(qkv)
+        return out, (qkv, out, total)
+
+    def attention_backward(residuals, out_grad):
+        return (backward(*residuals, out_grad),)
+
+    attention.defvjp(attention_forward, attention_backward)
+    return attention
 
 
 def _block_weights(q: Array, scaled_k: Array, start: int, stop: int) -> Array:
@@ -142,60 +252,6 @@ def _block_weights(q: Array, scaled_k: Array, start: int, stop: int) -> Array:
     `[start, stop)`; XLA on CPU computes them in one kernel with the product."""
     scores = _block_scores(q, scaled_k, start, stop)
     return jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-
-
-@_in_chunks
-def _causal_attention_forward(q, k, v):
-    scaled_k = k * (1.0 / math.sqrt(q.shape[-1]))
-    outs, totals = [], []
-    for start, stop in _query_blocks(q.shape[1]):
-        exp = _block_weights(q, scaled_k, start, stop)
-        total = jnp.sum(exp, axis=-1, keepdims=True)
-        outs.append(jnp.einsum("hqk,hkd->hqd", exp, v[:, :stop]) / total)
-        totals.append(total)
-    out = jnp.concatenate(outs, axis=1)
-    return out, (q, scaled_k, v, out, jnp.concatenate(totals, axis=1))
-
-
-@_in_chunks
-def _causal_attention_backward(residuals, out_grad):
-    q, scaled_k, v, out, total = residuals
-    # With weights P = E / total: dS = P * (dP - rowsum(dO * O)), dP = dO V^T and
-    # dV = P^T dO. The 1 / total goes on the (query, head) and (query, 1)
-    # operands, so the (query, key) matrices are E itself. E is computed again
-    # exactly as the forward pass did, maximum included, so it matches `total`.
-    row_dot = jnp.sum(out_grad * out, axis=-1, keepdims=True)
-    inverse = 1.0 / total
-    normalised_grad = out_grad * inverse
-    heads, keys, head = v.shape
-    k_grad = v_grad = jnp.zeros((heads, head, keys), v.dtype)
-    q_grads = []
-    for start, stop in _query_blocks(q.shape[1]):
-        exp = _block_weights(q, scaled_k, start, stop)
-        weights_grad = jnp.einsum("hqd,hkd->hqk", out_grad[:, start:stop], v[:, :stop])
-        scores_grad = exp * (
-            (weights_grad - row_dot[:, start:stop]) * inverse[:, start:stop]
-        )
-        q_grads.append(jnp.einsum("hqk,hkd->hqd", scores_grad, scaled_k[:, :stop]))
-        # The key and value gradients contract the (block, keys) matrices over the
-        # block, their leading axis. Written as (keys, head) products, XLA on CPU
-        # ran them about three times slower per FLOP than the other products here.
-        # As (head, keys) products, with the small (block, head) operands on the
-        # left, they run at the speed of the others; the gradients are accumulated
-        # transposed and turned once at the end.
-        v_grad = v_grad.at[:, :, :stop].add(
-            jnp.einsum("hqd,hqk->hdk", normalised_grad[:, start:stop], exp)
-        )
-        k_grad = k_grad.at[:, :, :stop].add(
-            jnp.einsum("hqd,hqk->hdk", q[:, start:stop], scores_grad)
-        )
-    q_grad = jnp.concatenate(q_grads, axis=1)
-    # That was the gradient of scaled_k; times d scaled_k / dk for k's.
-    k_grad = k_grad * (1.0 / math.sqrt(head))
-    return q_grad, jnp.swapaxes(k_grad, 1, 2), jnp.swapaxes(v_grad, 1, 2)
-
-
-_causal_attention.defvjp(_causal_attention_forward, _causal_attention_backward)
 
 
 class _Block(eqx.Module):
@@ -223,21 +279,17 @@ class _Block(eqx.Module):
         self.num_heads = num_heads
 
     def _heads(self, x: Float[Array, "time width"]):
-        time, width = x.shape
         qkv = dense(self.qkv, _layer_norm(self.attention_norm, x))
-        qkv = qkv.reshape(time, 3, self.num_heads, width // self.num_heads)
-        qkv = qkv.transpose(1, 2, 0, 3)  # (3, heads, time, head)
-        return qkv[0], qkv[1], qkv[2]
+        return _split_heads(qkv, self.num_heads, 3)
 
     def _finish(self, x: Array, attended: Array) -> Array:
-        attended = attended.transpose(1, 0, 2).reshape(x.shape)
         x = x + dense(self.projection, attended)
         hidden = jax.nn.gelu(dense(self.hidden, _layer_norm(self.mlp_norm, x)))
         return x + dense(self.output, hidden)
 
     def __call__(self, x: Float[Array, "time width"]) -> Float[Array, "time width"]:
-        q, k, v = self._heads(x)
-        return self._finish(x, _causal_attention(q, k, v))
+        qkv = dense(self.qkv, _layer_norm(self.attention_norm, x))
+        return self._finish(x, _causal_attention(self.num_heads)(qkv))
 
     def step(
         self,
@@ -251,7 +303,7 @@ class _Block(eqx.Module):
         keys = jax.lax.dynamic_update_slice_in_dim(keys, k, position, axis=1)
         values = jax.lax.dynamic_update_slice_in_dim(values, v, position, axis=1)
         attended = _attention(q, keys, values, visible[None, :])
-        return self._finish(x, attended), keys, values
+        return self._finish(x, _merge_heads(attended)), keys, values
 
 
 class KeyValueCache(eqx.Module):
