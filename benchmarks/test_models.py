@@ -31,6 +31,12 @@ run.
    compiled gradient and its time, against scanning `step` under plain
    automatic differentiation, which stores every step's key-value cache.
 
+The FLOP/s cases record the page faults per call: XLA on CPU allocates its
+scratch buffer (about 100 MB here) at every call, and glibc's malloc maps a block
+that large afresh each time, at one page fault per 4 KiB of first touch. Run
+under `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>` (glibc then serves and
+keeps such blocks on its heap), the cases are recorded under their own names.
+
 Run with `pytest benchmarks --benchmark`; numbers go to
 `benchmarks/results/models.json`, a plot to `benchmarks/results/models.png`.
 """
@@ -38,6 +44,7 @@ Run with `pytest benchmarks --benchmark`; numbers go to
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -232,6 +239,7 @@ def test_transformer_flops_against_matmul_ceiling(placement, benchmark, models_r
     name = "awm-transformer"
 
     step = eqx.filter_jit(eqx.filter_grad(_loss))
+    expected = None
     if placement == "batch_over_cores":
         # Data parallelism, as one would use the cores of a machine for a batch:
         # the batch split over the CPU devices, the model replicated, the same
@@ -246,21 +254,33 @@ def test_transformer_flops_against_matmul_ceiling(placement, benchmark, models_r
         s1, actions = jax.device_put(s1, split), jax.device_put(actions, split)
         model = jax.device_put(model, whole)
         name = f"{name}, batch over {len(devices)} cores"
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    if malloc.get("MALLOC_MMAP_MAX_") == "0":
+        name = f"{name}, freed memory kept"
+    case = _measure_flops(benchmark, step, model, s1, actions, expected)
+    models_results["flops"][name] = {**case, "malloc_environment": malloc}
 
+
+def _measure_flops(benchmark, step, model, s1, actions, expected=None):
+    """Time `step` (compiled here) against the matmul ceiling; `expected` is the
+    gradient it must give, when given."""
     start = time.perf_counter()
     gradient = jax.block_until_ready(step(model, s1, actions))
     compile_s = time.perf_counter() - start
-    if placement == "batch_over_cores":
+    if expected is not None:
         # The same gradient as on one device, up to float32 summation order.
         pairs = zip(jax.tree.leaves(gradient), jax.tree.leaves(expected), strict=True)
         for got, want in pairs:
             scale = float(jnp.max(jnp.abs(want)))
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
     params, static = eqx.partition(model, eqx.is_array)
-    lowered = jax.jit(
-        lambda p, s, a: eqx.filter_grad(_loss)(eqx.combine(p, static), s, a)
-    ).lower(params, s1, actions)
-    xla_flops = (lowered.compile().cost_analysis() or {}).get("flops", float("nan"))
+    compiled = (
+        jax.jit(lambda p, s, a: eqx.filter_grad(_loss)(eqx.combine(p, static), s, a))
+        .lower(params, s1, actions)
+        .compile()
+    )
+    xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+    scratch = compiled.memory_analysis().temp_size_in_bytes
 
     # The ceiling: the fastest of three sizes, each timed a few times up front.
     ceilings = {size: _matmul(size) for size in (512, 1024, 2048)}
@@ -277,13 +297,15 @@ def test_transformer_flops_against_matmul_ceiling(placement, benchmark, models_r
     ceiling = [matmul_flops / t for t in timings.baseline]
     fractions = [a / c for a, c in zip(achieved, ceiling, strict=True)]
     p25, p50, p75 = statistics.quantiles(fractions, n=4)
-    models_results["flops"][name] = {
+    return {
         "batch": BATCH,
         "horizon": HORIZON,
         "flops_per_call": flops,
         "executed_flops_per_call": executed,
         "xla_flops_per_call": xla_flops,
+        "scratch_bytes": scratch,
         "median_s": statistics.median(timings.candidate),
+        "page_faults_per_call_median": statistics.median(timings.candidate_faults),
         "achieved_flops_per_s_median": statistics.median(achieved),
         "ceiling_matmul_size": size,
         "ceiling_flops_per_s_median": statistics.median(ceiling),
@@ -498,7 +520,8 @@ def _lines(results: dict[str, dict[str, Any]]) -> list[str]:
             f"{case['fraction_median']:.0%} (IQR {case['fraction_p25']:.0%}-"
             f"{case['fraction_p75']:.0%}); target >= {TARGET_FRACTION:.0%}: "
             f"{'met' if case['meets_target'] else 'MISSED'}; executed FLOPs: "
-            f"{case['executed_fraction_of_best_ceiling']:.0%}"
+            f"{case['executed_fraction_of_best_ceiling']:.0%}; page faults per call: "
+            f"{case['page_faults_per_call_median']:.0f}"
         )
     case = results["straightforward"]
     if case:
