@@ -51,7 +51,16 @@ def check_positive(**sizes: object) -> None:
 
 def dense(layer: eqx.nn.Linear, x: Float[Array, "time in"]) -> Float[Array, "time out"]:
     """`layer` applied to every row of `x`, as one matrix product."""
+    return affine(x, layer.weight, layer.bias)
+
+
+def affine(
+    x: Float[Array, "time in"],
+    weight: Float[Array, "out in"],
+    bias: Float[Array, " out"] | None,
+) -> Float[Array, "time out"]:
+    """`x @ weight.T + bias` for every row of `x`, as one matrix product."""
     # One product for the whole sequence, with the bias add fused into it; a
     # `jax.vmap` of the per-row layer does not always compile to that on CPU.
-    y = jax.lax.dot_general(x, layer.weight, (((x.ndim - 1,), (1,)), ((), ())))
-    return y if layer.bias is None else y + layer.bias
+    y = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
+    return y if bias is None else y + bias

@@ -12,7 +12,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._backbone import AbstractBackbone, check_positive, dense
+from ._backbone import AbstractBackbone, affine, check_positive, dense
 
 
 def _standardise(norm: eqx.nn.LayerNorm, x: Float[Array, "time width"]) -> Array:
@@ -39,10 +39,8 @@ def _normed_dense(
     H = 500, forward and backward); folded, it scales the small weight."""
     assert norm.weight is not None and norm.bias is not None
     assert layer.bias is not None
-    weight = layer.weight * norm.weight
     bias = layer.weight @ norm.bias + layer.bias
-    x = _standardise(norm, x)
-    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ()))) + bias
+    return affine(_standardise(norm, x), layer.weight * norm.weight, bias)
 
 
 def _attention(
@@ -127,7 +125,7 @@ def _in_chunks(fn, num_heads: int):
             args,
             tuple(in_batched),
         )
-        # Every argument is rows of the sequence: (size, time, columns).
+        # The first argument is the rows of the sequence: (size, time, columns).
         first = jax.tree.leaves(args)[0]
         time = first.shape[1]
         block = max(end - start for start, end in _query_blocks(time))
@@ -201,7 +199,7 @@ def _causal_attention(num_heads: int):
             outs.append(jnp.einsum("hqk,hkd->hqd", exp, v[:, :stop]) / total)
             totals.append(total)
         out = _merge_heads(jnp.concatenate(outs, axis=1))
-        return out, jnp.concatenate(totals, axis=1)[..., 0].T
+        return out, jnp.concatenate(totals, axis=1)
 
     @functools.partial(_in_chunks, num_heads=num_heads)
     def backward(qkv, out, total, out_grad):
@@ -210,7 +208,6 @@ def _causal_attention(num_heads: int):
         scaled_k = k * (1.0 / math.sqrt(head))
         out = _split_heads(out, num_heads, 1)[0]
         out_grad = _split_heads(out_grad, num_heads, 1)[0]
-        total = total.T[..., None]
         # With weights P = E / total: dS = P * (dP - rowsum(dO * O)), dP = dO V^T
         # and dV = P^T dO. The 1 / total goes on the (query, head) and (query, 1)
         # operands, so the (query, key) matrices are E itself. E is computed again
@@ -300,9 +297,11 @@ class _Block(eqx.Module):
         self.output = _gpt2_linear(mlp_width, width, residual_std, output_key)
         self.num_heads = num_heads
 
+    def _qkv(self, x: Float[Array, "time width"]) -> Float[Array, "time columns"]:
+        return _normed_dense(self.attention_norm, self.qkv, x)
+
     def _heads(self, x: Float[Array, "time width"]):
-        qkv = _normed_dense(self.attention_norm, self.qkv, x)
-        return _split_heads(qkv, self.num_heads, 3)
+        return _split_heads(self._qkv(x), self.num_heads, 3)
 
     def _finish(self, x: Array, attended: Array) -> Array:
         x = x + dense(self.projection, attended)
@@ -310,8 +309,7 @@ class _Block(eqx.Module):
         return x + dense(self.output, hidden)
 
     def __call__(self, x: Float[Array, "time width"]) -> Float[Array, "time width"]:
-        qkv = _normed_dense(self.attention_norm, self.qkv, x)
-        return self._finish(x, _causal_attention(self.num_heads)(qkv))
+        return self._finish(x, _causal_attention(self.num_heads)(self._qkv(x)))
 
     def step(
         self,
