@@ -1,5 +1,13 @@
 """Differentiable deterministic control tasks, integrated with Diffrax."""
 
+from ._closed_loop import (
+    Dynamics as Dynamics,
+    Stepper as Stepper,
+    Trajectory as Trajectory,
+    closed_loop as closed_loop,
+    observation as observation,
+    step_keys as step_keys,
+)
 from ._control import AbstractControlTask as AbstractControlTask
 from ._env import (
     AbstractEnv as AbstractEnv,

@@ -88,14 +88,10 @@ class PredictOnly(AbstractWorldModel):
         return _Buffer(carry.s1, actions, carry.step + 1), state
 
 
-class _SimulatorCarry(eqx.Module):
-    state: Array
-    step: Int[Array, ""]
-
-
 class Simulator(AbstractWorldModel):
     """A `diffenvs` task as a world model with an incremental interface: the carry
-    is the true state and the step counter, one step is one transition.
+    is the true state and the step counter, one step is one transition
+    (`diffenvs.Dynamics`).
 
     Prop. 1 of the papers in code: the simulator is an actions world model whose
     recurrent cell is the task's transition.
@@ -106,17 +102,11 @@ class Simulator(AbstractWorldModel):
     def predict(self, s1, actions):
         return self.env.predict(s1, actions)
 
-    def init(self, s1: Float[Array, " state"], horizon: int) -> _SimulatorCarry:
-        if horizon != self.env.horizon:
-            raise ValueError(
-                f"horizon={horizon} differs from the task's horizon={self.env.horizon}."
-            )
-        return _SimulatorCarry(jnp.asarray(s1), jnp.zeros((), jnp.int32))
+    def init(self, s1: Float[Array, " state"], horizon: int) -> Carry:
+        return diffenvs.Dynamics(self.env).init(s1, horizon)
 
-    def step(self, carry: _SimulatorCarry, action):
-        action = jnp.clip(action, -1.0, 1.0)
-        state = self.env.transition(carry.step, carry.state, action)
-        return _SimulatorCarry(state, carry.step + 1), state
+    def step(self, carry: Carry, action):
+        return diffenvs.Dynamics(self.env).step(carry, action)
 
 
 def incremental(model: Any, action_dim: int | None = None) -> Incremental:
