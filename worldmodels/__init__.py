@@ -31,4 +31,13 @@ from ._registry import (
     register as register,
     sizes as sizes,
 )
-from ._training import Episodes as Episodes, fit as fit, loss as loss
+from ._training import (
+    DEFAULT_OPTIMISER as DEFAULT_OPTIMISER,
+    Episodes as Episodes,
+    fit as fit,
+    init_optimiser as init_optimiser,
+    loss as loss,
+    parameters as parameters,
+    update as update,
+    with_normaliser as with_normaliser,
+)

@@ -97,14 +97,72 @@ def _is_normaliser(node: Any) -> bool:
     return isinstance(node, Normaliser)
 
 
-def _trainable(model: Any) -> Any:
-    """The filter of the model's parameters: every floating-point array except
-    the statistics of its normalisers."""
+def parameters(model: Any) -> Any:
+    """The filter of the model's trainable parameters (for `eqx.partition`): every
+    floating-point array except the statistics of its normalisers."""
     return jax.tree.map(
         lambda node: False if _is_normaliser(node) else eqx.is_inexact_array(node),
         model,
         is_leaf=_is_normaliser,
     )
+
+
+def with_normaliser(model: Any, normaliser: Normaliser) -> Any:
+    """`model` with every `Normaliser` inside it replaced by `normaliser`."""
+    return jax.tree.map(
+        lambda node: normaliser if _is_normaliser(node) else node,
+        model,
+        is_leaf=_is_normaliser,
+    )
+
+
+# One optimiser object for every call: `fit` compiles its training loop once per
+# model structure, and a new default object at every call would compile it anew.
+DEFAULT_OPTIMISER = optax.chain(optax.clip_by_global_norm(100.0), optax.adam(1e-3))
+
+
+def init_optimiser(
+    model: Any, optimiser: optax.GradientTransformation = DEFAULT_OPTIMISER
+) -> optax.OptState:
+    """The optimiser state for the trainable parameters of `model`."""
+    return optimiser.init(eqx.filter(model, parameters(model)))
+
+
+def update(
+    model: Any,
+    opt_state: optax.OptState,
+    batch: Episodes,
+    *,
+    optimiser: optax.GradientTransformation = DEFAULT_OPTIMISER,
+    scale: Float[Array, " state"] | None = None,
+) -> tuple[Any, optax.OptState, Scalar]:
+    """One gradient step of `loss`, averaged over a batch of episodes.
+
+    Pure: jit it, vmap it over seeds, or scan it; `fit` is a host loop over it.
+
+    Args:
+        model: any world model; its `parameters` are trained.
+        opt_state: from `init_optimiser(model, optimiser)`.
+        batch: the episodes of this step.
+        optimiser: an Optax optimiser (by default Adam 1e-3 after clipping the
+            gradient norm at 100, arXiv App. C).
+        scale: per-dimension divisor of the error (see `loss`).
+
+    Returns:
+        The new model, the new optimiser state and the batch's loss before the step.
+    """
+    params, static = eqx.partition(model, parameters(model))
+
+    def batch_loss(params):
+        model = eqx.combine(params, static)
+        per_episode = jax.vmap(lambda *e: loss(model, *e, scale=scale))(
+            batch.s1, batch.actions, batch.states
+        )
+        return jnp.mean(per_episode)
+
+    value, grads = jax.value_and_grad(batch_loss)(params)
+    updates, opt_state = optimiser.update(grads, opt_state, params)
+    return eqx.combine(eqx.apply_updates(params, updates), static), opt_state, value
 
 
 def fit(
@@ -162,16 +220,12 @@ def fit(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     split = None if devices is None else _batch_sharding(devices, batch_size)
     if optimiser is None:
-        optimiser = optax.chain(optax.clip_by_global_norm(100.0), optax.adam(1e-3))
+        optimiser = DEFAULT_OPTIMISER
     all_states = jnp.concatenate([episodes.s1[:, None], episodes.states], axis=1)
     statistics = Normaliser.from_states(all_states)
     if normalise:
-        model = jax.tree.map(
-            lambda node: statistics if _is_normaliser(node) else node,
-            model,
-            is_leaf=_is_normaliser,
-        )
-    params, static = eqx.partition(model, _trainable(model))
+        model = with_normaliser(model, statistics)
+    params, static = eqx.partition(model, parameters(model))
     opt_state = optimiser.init(params)
     if split is not None:
         everywhere = jax.sharding.NamedSharding(
@@ -202,22 +256,19 @@ def _train_chunk(
     params, static, opt_state, episodes, scale, key, *, optimiser, size, batch_size,
     split,
 ):  # fmt: skip
-    def batch_loss(params, batch):
-        model = eqx.combine(params, static)
-        per_episode = jax.vmap(lambda *e: loss(model, *e, scale=scale))(*batch)
-        return jnp.mean(per_episode)
-
     def train_step(carry, step_key):
         params, opt_state = carry
         index = jr.randint(step_key, (batch_size,), 0, len(episodes))
-        batch = (episodes.s1[index], episodes.actions[index], episodes.states[index])
+        batch = jax.tree.map(lambda x: x[index], episodes)
         if split is not None:
             # Each device computes the loss of its part of the batch; XLA adds the
             # parts of the gradient across devices.
             batch = jax.lax.with_sharding_constraint(batch, split)
-        value, grads = jax.value_and_grad(batch_loss)(params, batch)
-        updates, opt_state = optimiser.update(grads, opt_state, params)
-        return (eqx.apply_updates(params, updates), opt_state), value
+        model, opt_state, value = update(
+            eqx.combine(params, static), opt_state, batch,
+            optimiser=optimiser, scale=scale,
+        )  # fmt: skip
+        return (eqx.filter(model, parameters(model)), opt_state), value
 
     (params, opt_state), losses = jax.lax.scan(
         train_step, (params, opt_state), jr.split(key, size)

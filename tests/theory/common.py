@@ -22,6 +22,9 @@ from hypothesis import HealthCheck, settings
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
+import diffenvs
+import worldmodels
+
 # The `x64` fixture is a context that must hold for every example of a property,
 # which is what a function-scoped fixture shared by the examples gives.
 x64_settings = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -108,24 +111,25 @@ class TinyPolicy(eqx.Module):
 
 
 def generate(predict: Predict, policy, s1: Array, horizon: int, action_dim: int):
-    """Run the policy in closed loop through a causal model, without gradient.
+    """Run the policy in closed loop through a causal model, without gradient, by
+    the package's one closed-loop generation (`diffenvs.closed_loop`) through the
+    predict-only incremental interface.
 
     Step k reads ŝ_k (s1 at k = 0, else row k - 1 of `predict` on the actions
-    chosen so far) and appends a_k = π(ŝ_k). Rows of `predict` never depend on
-    later actions, so the zeros still in the buffer do not matter.
+    chosen so far) and appends a_k = π(ŝ_k).
 
     Returns:
         The states the policy saw, ŝ_1 ... ŝ_H, shape `(horizon, state)`.
     """
+    model = worldmodels.PredictOnly(_Predictor(predict), action_dim)
+    trajectory = diffenvs.closed_loop(
+        model, lambda seen, key: policy(seen[:-1]), s1, jr.key(0), horizon
+    )
+    return jax.lax.stop_gradient(trajectory.observations[:, :-1])
 
-    def body(actions, k):
-        states = predict(s1, actions)
-        seen = jnp.where(k == 0, s1, states[jnp.maximum(k - 1, 0)])
-        return actions.at[k].set(policy(seen)), seen
 
-    buffer = jnp.zeros((horizon, action_dim), s1.dtype)
-    _, seen = jax.lax.scan(body, buffer, jnp.arange(horizon))
-    return jax.lax.stop_gradient(seen)
+class _Predictor(eqx.Module):
+    predict: Callable
 
 
 def bpo_objective(

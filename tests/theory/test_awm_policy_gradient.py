@@ -46,19 +46,14 @@ def policy_gradient_and_bound(model, policy, s1, w):
     right-hand side of Thm. 2 with the exact L_r and L_π."""
 
     def generate(policy):
-        stepper = worldmodels.incremental(model)
-        horizon = HORIZON
-
-        def body(carry, _):
-            state, inner = carry
-            action = policy(state)
-            inner, next_state = stepper.step(inner, action)
-            return (next_state, inner), (state, action)
-
-        _, (inputs, actions) = jax.lax.scan(
-            body, (s1, stepper.init(s1, horizon)), None, length=horizon
+        trajectory = diffenvs.closed_loop(
+            worldmodels.incremental(model),
+            lambda seen, key: policy(seen[:-1]),
+            s1,
+            jr.key(0),
+            HORIZON,
         )
-        return inputs, actions
+        return trajectory.observations[:, :-1], trajectory.actions
 
     inputs, actions = jax.lax.stop_gradient(generate(policy))
 
