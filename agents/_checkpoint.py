@@ -23,6 +23,25 @@ class CheckpointError(ValueError):
     """A checkpoint that is corrupted, truncated, or from another run."""
 
 
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _save_leaf(f: Any, x: Any) -> None:
+    # Typed PRNG keys are stored as their raw data.
+    if _is_key(x):
+        np.save(f, np.asarray(jax.random.key_data(x)))
+    else:
+        eqx.default_serialise_filter_spec(f, x)
+
+
+def _load_leaf(f: Any, x: Any) -> Any:
+    if _is_key(x):
+        return jax.random.wrap_key_data(np.load(f))
+    return eqx.default_deserialise_filter_spec(f, x)
+
+
 def fingerprint(bpo: Any, settings: dict[str, Any]) -> dict[str, str]:
     """What a checkpoint must match to be resumed: the task (its class, horizon and
     constants), the model's structure, the agent's settings and the run's."""
@@ -72,7 +91,7 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state_bytes = io.BytesIO()
-    eqx.tree_serialise_leaves(state_bytes, state)
+    eqx.tree_serialise_leaves(state_bytes, state, filter_spec=_save_leaf)
     metrics_bytes = io.BytesIO()
     flat = {
         f"{i}/{name}": value for i, c in enumerate(chunks) for name, value in c.items()
@@ -143,7 +162,9 @@ def load_checkpoint(
                 f"resume it with the same task, model and settings."
             )
     split = header["state_bytes"]
-    state = eqx.tree_deserialise_leaves(io.BytesIO(payload[:split]), template)
+    state = eqx.tree_deserialise_leaves(
+        io.BytesIO(payload[:split]), template, filter_spec=_load_leaf
+    )
     metrics = np.load(io.BytesIO(payload[split:]))
     chunks: list[dict[str, np.ndarray]] = [{} for _ in range(header["chunks"])]
     for name in metrics.files:

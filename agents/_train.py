@@ -39,10 +39,12 @@ class Result(eqx.Module):
             seeds, every array has a leading seed axis.
         model: the trained world model (`None` through the simulator).
         metrics: NumPy arrays over training (a leading seed axis with seeds):
-            per episode `env_steps`, `train_return`, `model_loss`, `model_updates`;
+            per episode `env_steps`, `train_return`, `model_loss` and
+            `model_updates` (with a model);
             per policy update `imagined_return`, `grad_norm` (before clipping),
             `entropy`, `cosine_similarity` and `relative_error` (to the simulator's
-            gradient), `model_loss_at_update`, `update_env_steps`; per evaluation
+            gradient; with a model and `gradient_diagnostics`),
+            `model_loss_at_update` (with a model), `update_env_steps`; per evaluation
             `eval_env_steps`, `eval_return`, `normalized_score`; and the counts
             `skipped_model_updates`, `skipped_policy_updates`, `dropped_episodes`.
         state: the final `TrainState`, from which training can continue.
@@ -101,13 +103,13 @@ def collate(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not chunks:
         return {}
     out: dict[str, np.ndarray] = {}
-    for name in EPISODE_METRICS:
+    for name in (n for n in EPISODE_METRICS if n in chunks[0]):
         out[name] = np.concatenate([c[name] for c in chunks], axis=1)
     for name in EVAL_METRICS:
         out[name] = np.stack([c[name] for c in chunks], axis=1)
     # Every seed takes its updates at the same steps, so seed 0's mask serves all.
     valid = np.concatenate([c["update_valid"][0].reshape(-1) for c in chunks])
-    for name in UPDATE_METRICS:
+    for name in (n for n in UPDATE_METRICS if n in chunks[0]):
         rows = np.concatenate(
             [c[name].reshape(c[name].shape[0], -1) for c in chunks], axis=1
         )
