@@ -505,7 +505,11 @@ class BPO(eqx.Module):
                 jax.tree.map(jnp.negative, grads), opt, params
             )
             new_policy = eqx.apply_updates(policy, updates)
-            ok = jnp.isfinite(norm) & jnp.isfinite(imagined.episode_return)
+            ok = (
+                jnp.isfinite(norm)
+                & jnp.isfinite(imagined.episode_return)
+                & _finite(new_policy)
+            )
             policy = _select(ok, new_policy, policy)
             opt = _select(ok, new_opt, opt)
             records = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import warnings
@@ -138,7 +139,12 @@ def train(
     count = keys.shape[0]
     per_chunk = bpo.episodes_per_chunk * bpo.horizon
     total_chunks = math.ceil(env_steps / per_chunk)
-    settings = dict(seeds=count, env_steps=total_chunks * per_chunk)
+    key_data = np.asarray(jr.key_data(keys))
+    settings = dict(
+        seeds=count,
+        env_steps=total_chunks * per_chunk,
+        key=hashlib.sha256(key_data.tobytes()).hexdigest(),
+    )
 
     chunks: list[dict[str, np.ndarray]] = []
     done = 0

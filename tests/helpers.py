@@ -127,3 +127,26 @@ def jit_step(env, env_state, action):
 @eqx.filter_jit
 def jit_rollout(env, policy, key):
     return env.rollout(policy, key)
+
+
+class GRUModel(eqx.Module):
+    """An actions world model: a GRU reads the actions; its hidden state, started
+    from s1, is decoded into the change of state since s1."""
+
+    encode: eqx.nn.Linear
+    cell: eqx.nn.GRUCell
+    decode: eqx.nn.Linear
+
+    def __init__(self, state_dim, action_dim, hidden=32, *, key):
+        k1, k2, k3 = jr.split(key, 3)
+        self.encode = eqx.nn.Linear(state_dim, hidden, key=k1)
+        self.cell = eqx.nn.GRUCell(action_dim, hidden, key=k2)
+        self.decode = eqx.nn.Linear(hidden, state_dim, key=k3)
+
+    def predict(self, s1, actions):
+        def step(h, a):
+            h = self.cell(a, h)
+            return h, s1 + self.decode(h)
+
+        _, states = jax.lax.scan(step, jnp.tanh(self.encode(s1)), actions)
+        return states
