@@ -84,6 +84,7 @@ def save_checkpoint(
     chunks: list[dict[str, np.ndarray]],
     done: int,
     settings: dict[str, Any],
+    wall_time: float = 0.0,
 ) -> Path:
     """Write the run's state after `done` chunks to `directory/checkpoint.eqx`,
     through a temporary file renamed over the old one (a crash leaves the previous
@@ -101,6 +102,7 @@ def save_checkpoint(
     header = {
         "format": FORMAT,
         "done": done,
+        "wall_time": wall_time,
         "chunks": len(chunks),
         "state_bytes": len(state_bytes.getvalue()),
         "payload_bytes": len(payload),
@@ -125,8 +127,9 @@ def save_checkpoint(
 def load_checkpoint(
     directory: str | Path, bpo: Any, template: Any, settings: dict[str, Any]
 ) -> tuple[Any, list[dict[str, np.ndarray]], int]:
-    """The state, the chunks' metrics and the number of chunks done of the
-    checkpoint in `directory`; `(None, [], 0)` if there is none yet.
+    """The state, the chunks' metrics, the number of chunks done and the seconds of
+    training so far of the checkpoint in `directory`; `(None, [], 0, 0.0)` if there
+    is none yet.
 
     Raises:
         CheckpointError: if the file is corrupted or truncated, or was written by a
@@ -134,7 +137,7 @@ def load_checkpoint(
     """
     path = Path(directory) / FILENAME
     if not path.exists():
-        return None, [], 0
+        return None, [], 0, 0.0
     raw = path.read_bytes()
     line, _, payload = raw.partition(b"\n")
     try:
@@ -170,4 +173,4 @@ def load_checkpoint(
     for name in metrics.files:
         index, key = name.split("/", 1)
         chunks[int(index)][key] = metrics[name]
-    return state, chunks, header["done"]
+    return state, chunks, header["done"], float(header.get("wall_time", 0.0))

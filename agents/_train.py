@@ -49,7 +49,8 @@ class Result(eqx.Module):
             `eval_env_steps`, `eval_return`, `normalized_score`; and the counts
             `skipped_model_updates`, `skipped_policy_updates`, `dropped_episodes`.
         state: the final `TrainState`, from which training can continue.
-        wall_time: seconds of training, compilation included.
+        wall_time: seconds of training, compilation included, summed over the
+            sessions of a resumed run.
     """
 
     policy: TanhGaussianPolicy
@@ -147,13 +148,14 @@ def train(
     )
 
     chunks: list[dict[str, np.ndarray]] = []
-    done = 0
-    state = None
+    done, previous = 0, 0.0
+    # The fresh state is also the template a checkpoint is read into.
+    state = _init(bpo, keys)
     if checkpoint is not None and resume:
-        template = eqx.filter_eval_shape(_init, bpo, keys)
-        state, chunks, done = load_checkpoint(checkpoint, bpo, template, settings)
-    if state is None:
-        state = _init(bpo, keys)
+        loaded, chunks, done, previous = load_checkpoint(
+            checkpoint, bpo, state, settings
+        )
+        state = state if loaded is None else loaded
     state = _shard(state, devices, count)
 
     start = time.perf_counter()
@@ -176,8 +178,9 @@ def train(
             if checkpoint is not None and (
                 done % checkpoint_every == 0 or done == total_chunks
             ):
-                save_checkpoint(checkpoint, bpo, state, chunks, done, settings)
-    wall = time.perf_counter() - start
+                wall = previous + time.perf_counter() - start
+                save_checkpoint(checkpoint, bpo, state, chunks, done, settings, wall)
+    wall = previous + time.perf_counter() - start
 
     out = collate(chunks)
     out["skipped_model_updates"] = np.asarray(state.skipped[:, 0])
