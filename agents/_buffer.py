@@ -56,10 +56,10 @@ class ReplayBuffer(eqx.Module):
         """The buffer with one episode written over the oldest, if `keep`."""
 
         def write(buffer, row):
-            new = jax.lax.dynamic_update_index_in_dim(
-                buffer, row.astype(buffer.dtype), self.position, 0
-            )
-            return jnp.where(keep, new, buffer)
+            # Select the row, not the buffer: the update then stays in place.
+            old = jax.lax.dynamic_index_in_dim(buffer, self.position, 0, False)
+            row = jnp.where(keep, row.astype(buffer.dtype), old)
+            return jax.lax.dynamic_update_index_in_dim(buffer, row, self.position, 0)
 
         keep = jnp.asarray(keep)
         return ReplayBuffer(

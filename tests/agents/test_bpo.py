@@ -28,15 +28,16 @@ def _model(name, env, key):
     return worldmodels.make(name, env, key=key)
 
 
-# Every model family, the simulator and a user's model; the stop-gradient and the
-# full-gradient objectives alternate over the families (each family's objective is
-# checked in both forms against the sequential unroll in test_objective.py).
+# Every model family, the simulator and a user's model, with the stop-gradient or
+# the full-gradient objective (each family's objective is checked in both forms
+# against the sequential unroll in test_objective.py). awm-rnn runs below (seeds,
+# sweeps), the simulator and awm-lstm with the stop-gradient in the learning tests.
 CONFIGURATIONS = [
-    ("simulator", False), ("simulator", True), ("awm-transformer", False),
-    ("awm-lstm", True), ("awm-rnn", False), ("hwm-transformer", True),
-    ("hwm-lstm", False), ("markov", True), ("user-gru", False), ("user-gru", True),
+    ("simulator", True), ("awm-transformer", False), ("awm-lstm", True),
+    ("hwm-transformer", True), ("hwm-lstm", False), ("markov", True),
+    ("user-gru", False),
 ]  # fmt: skip
-assert {name for name, _ in CONFIGURATIONS} == {
+assert {name for name, _ in CONFIGURATIONS} | {"awm-rnn"} == {
     "simulator",
     "user-gru",
     *worldmodels.names(),
@@ -74,14 +75,15 @@ def test_every_configuration_trains_with_finite_metrics(name, full_gradient):
 
 def test_bpo_through_simulator_learns_cancer():
     env = diffenvs.make("cancer", horizon=100)
-    result = agents.BPO(env).train(jr.key(0), env_steps=4000)
+    result = agents.BPO(env, gradient_diagnostics=False).train(jr.key(0), 4000)
     assert result.metrics["normalized_score"][-1] >= 0.9
 
 
 def test_bpo_through_awm_lstm_learns_credit_assignment():
     env = diffenvs.make("credit_assignment", horizon=50)
     model = worldmodels.make("awm-lstm", env, key=jr.key(0))
-    result = agents.BPO(env, model).train(jr.key(1), env_steps=4000)
+    bpo = agents.BPO(env, model, gradient_diagnostics=False)
+    result = bpo.train(jr.key(1), env_steps=4000)
     # The optimum is 10; a random policy scores far below it.
     assert result.metrics["eval_return"][-1] >= 9.5
 
@@ -91,7 +93,8 @@ def test_bpo_through_awm_finds_the_one_bounce_optimum():
     first action of the deterministic policy must find the optimum."""
     env = diffenvs.make("one_bounce", horizon=20)
     model = worldmodels.make("awm-lstm", env, key=jr.key(0))
-    result = agents.BPO(env, model).train(jr.key(1), env_steps=4000)
+    bpo = agents.BPO(env, model, gradient_diagnostics=False)
+    result = bpo.train(jr.key(1), env_steps=4000)
     s1 = env.initial_state()
     first = result.policy(diffenvs.observation(s1, 0, env.horizon))
     assert abs(float(first[0]) - 0.25) <= 0.05
@@ -113,12 +116,14 @@ def _key_free(state):
 
 
 def test_same_key_same_result_and_vmapped_seeds_equal_separate_runs():
-    # The contract test's awm-rnn configuration: its compiled chunk serves here.
+    # awm-rnn in the contract test's setting; its metrics must be finite too.
     env = diffenvs.make("hiv", horizon=10)
     bpo = agents.BPO(env, worldmodels.make("awm-rnn", env, key=jr.key(0)), **SMALL)
     key = jr.key(3)
     together = bpo.train(key, env_steps=80, seeds=3)
     again = bpo.train(key, env_steps=80, seeds=3)
+    for name, value in together.metrics.items():
+        assert np.all(np.isfinite(value)), name
     for a, b in zip(_leaves(together.state), _leaves(again.state), strict=True):
         np.testing.assert_array_equal(a, b)
     for name, value in together.metrics.items():

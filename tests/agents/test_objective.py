@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import GRUModel, assert_close
 
 import agents
 import diffenvs
@@ -39,10 +39,15 @@ def _sequential(policy, model, env, s1, key, alpha, stop):
 
 
 @pytest.mark.parametrize("full_gradient", [False, True], ids=["sg", "full"])
-@pytest.mark.parametrize("name", ["simulator", "awm-lstm", "markov"])
+@pytest.mark.parametrize("name", ["simulator", *worldmodels.names(), "user-gru"])
 def test_objective_equals_sequential_unroll(x64, name, full_gradient):
     env = diffenvs.make("hiv", horizon=HORIZON)
-    model = env if name == "simulator" else worldmodels.make(name, env, key=jr.key(0))
+    if name == "simulator":
+        model = env
+    elif name == "user-gru":
+        model = GRUModel(env.state_dim, env.action_dim, key=jr.key(0))
+    else:
+        model = worldmodels.make(name, env, key=jr.key(0))
     policy = agents.TanhGaussianPolicy(env.state_dim, env.action_dim, key=jr.key(1))
     s1, key, alpha = env.initial_state(), jr.key(2), 0.1
     params, static = eqx.partition(policy, eqx.is_inexact_array)
