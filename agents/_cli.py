@@ -238,6 +238,15 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
         writer.writerows(rows)
 
 
+def _rows(m: dict[str, np.ndarray], names: list[str], seeds: int) -> list[list]:
+    """One row per seed and entry of the metrics `names` (arrays of one length)."""
+    return [
+        [seed, *(m[name][seed, i].item() for name in names)]
+        for seed in range(seeds)
+        for i in range(m[names[0]].shape[1])
+    ]
+
+
 def write_metrics(folder: Path, result: Result, seeds: int) -> list[dict[str, Any]]:
     """metrics.jsonl and evaluations.csv (per evaluation), updates.csv (per policy
     update) and episodes.csv (per collected episode), every seed in one file."""
@@ -252,27 +261,11 @@ def write_metrics(folder: Path, result: Result, seeds: int) -> list[dict[str, An
         [list(r.values()) for r in records],
     )
     names = ["update_env_steps", *(n for n in UPDATE_METRICS[:-1] if n in m)]
-    _write_csv(
-        folder / "updates.csv",
-        ["seed", *names],
-        [
-            [seed, *(m[name][seed, i].item() for name in names)]
-            for seed in range(seeds)
-            for i in range(m["update_env_steps"].shape[1])
-        ],
-    )
+    _write_csv(folder / "updates.csv", ["seed", *names], _rows(m, names, seeds))
     episode = ["env_steps", "train_return"]
     if result.model is not None:
         episode += ["model_loss", "model_updates"]
-    _write_csv(
-        folder / "episodes.csv",
-        ["seed", *episode],
-        [
-            [seed, *(m[name][seed, i].item() for name in episode)]
-            for seed in range(seeds)
-            for i in range(m["env_steps"].shape[1])
-        ],
-    )
+    _write_csv(folder / "episodes.csv", ["seed", *episode], _rows(m, episode, seeds))
     return records
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 import pytest
 from _timing import format_time, machine, require_timing
+from helpers import sequential_objective
 
 import agents
 import diffenvs
@@ -84,29 +85,6 @@ def _speedup(ours: list[float], theirs: list[float]) -> dict[str, Any]:
 # ---- one policy update --------------------------------------------------------
 
 
-def _sequential_objective(policy, model, env, s1, key, alpha):
-    """The policy's imagined return by a plain differentiable scan of the model's
-    incremental step (the key-value cache), stop-gradient on the policy input."""
-    stepper = worldmodels.incremental(model, env.action_dim)
-    horizon = env.horizon
-    keys = diffenvs.step_keys(key, horizon)
-
-    def body(carry, inputs):
-        inner, state = carry
-        k, step_key = inputs
-        seen = jax.lax.stop_gradient(diffenvs.observation(state, k, horizon))
-        action, log_prob = policy.sample(seen, step_key)
-        inner, next_state = stepper.step(inner, action)
-        return (inner, next_state), (action, next_state, log_prob)
-
-    init = (stepper.init(s1, horizon), s1)
-    _, (actions, states, log_probs) = jax.lax.scan(
-        body, init, (jnp.arange(horizon), keys)
-    )
-    rewards = env.rewards_from_states(s1, actions, states)
-    return jnp.sum(rewards) - alpha * jnp.sum(log_probs)
-
-
 @pytest.mark.parametrize("horizon", [100, 500])
 def test_policy_update_against_sequential_unroll(horizon, benchmark, agents_results):
     require_timing(benchmark)
@@ -125,7 +103,7 @@ def test_policy_update_against_sequential_unroll(horizon, benchmark, agents_resu
         return value
 
     def sequential(p):
-        one = lambda s, k: _sequential_objective(  # noqa: E731
+        one = lambda s, k: sequential_objective(  # noqa: E731
             eqx.combine(p, static), model, env, s, k, alpha
         )
         return jnp.mean(jax.vmap(one)(s1, keys))

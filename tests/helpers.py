@@ -16,6 +16,7 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 import diffenvs
+import worldmodels
 
 # The error `eqx.error_if` raises at run time. Older Equinox versions raised the
 # backend's runtime error instead; both are subclasses of RuntimeError.
@@ -150,3 +151,28 @@ class GRUModel(eqx.Module):
 
         _, states = jax.lax.scan(step, jnp.tanh(self.encode(s1)), actions)
         return states
+
+
+def sequential_objective(policy, model, env, s1, key, alpha, *, stop=True):
+    """The BPO objective by a plain differentiable scan of the model's incremental
+    step with the policy in the loop; `stop` puts the stop-gradient on the policy
+    input: the reference that `agents.objective` is checked and timed against."""
+    stepper = worldmodels.incremental(model, env.action_dim)
+    horizon = env.horizon
+    keys = diffenvs.step_keys(key, horizon)
+
+    def body(carry, inputs):
+        inner, state = carry
+        k, step_key = inputs
+        seen = diffenvs.observation(state, k, horizon)
+        seen = jax.lax.stop_gradient(seen) if stop else seen
+        action, log_prob = policy.sample(seen, step_key)
+        inner, next_state = stepper.step(inner, action)
+        return (inner, next_state), (action, next_state, log_prob)
+
+    init = (stepper.init(s1, horizon), s1)
+    _, (actions, states, log_probs) = jax.lax.scan(
+        body, init, (jnp.arange(horizon), keys)
+    )
+    rewards = env.rewards_from_states(s1, actions, states)
+    return jnp.sum(rewards) - alpha * jnp.sum(log_probs)

@@ -2,40 +2,16 @@
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import GRUModel, assert_close
+from helpers import GRUModel, assert_close, sequential_objective
 
 import agents
 import diffenvs
 import worldmodels
 
 HORIZON = 8
-
-
-def _sequential(policy, model, env, s1, key, alpha, stop):
-    """A plain differentiable scan of the model's step with the policy in the loop;
-    `stop` puts the stop-gradient on the policy input."""
-    stepper = worldmodels.incremental(model, env.action_dim)
-    keys = diffenvs.step_keys(key, HORIZON)
-
-    def body(carry, inputs):
-        inner, state = carry
-        k, step_key = inputs
-        seen = diffenvs.observation(state, k, HORIZON)
-        seen = jax.lax.stop_gradient(seen) if stop else seen
-        action, log_prob = policy.sample(seen, step_key)
-        inner, next_state = stepper.step(inner, action)
-        return (inner, next_state), (action, next_state, log_prob)
-
-    init = (stepper.init(s1, HORIZON), s1)
-    _, (actions, states, log_probs) = jax.lax.scan(
-        body, init, (jnp.arange(HORIZON), keys)
-    )
-    rewards = env.rewards_from_states(s1, actions, states)
-    return jnp.sum(rewards) - alpha * jnp.sum(log_probs)
 
 
 @pytest.mark.parametrize("full_gradient", [False, True], ids=["sg", "full"])
@@ -60,8 +36,8 @@ def test_objective_equals_sequential_unroll(x64, name, full_gradient):
         return value
 
     def reference(p):
-        return _sequential(
-            eqx.combine(p, static), model, env, s1, key, alpha, not full_gradient
+        return sequential_objective(
+            eqx.combine(p, static), model, env, s1, key, alpha, stop=not full_gradient
         )
 
     value, grad = jax.value_and_grad(ours)(params)
