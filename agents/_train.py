@@ -67,7 +67,18 @@ def _init(bpo: BPO, keys: PRNGKeyArray) -> TrainState:
 
 @eqx.filter_jit
 def _chunk(bpo: BPO, state: TrainState):
-    return eqx.filter_vmap(bpo.chunk)(state)
+    # The step count and the fitted flag are the same for every seed. Passed
+    # unbatched, the update counts they decide stay unbatched, so the update loops
+    # do not become batched while-loops that select between old and new carries
+    # on every iteration.
+    def one(state, env_steps, fitted):
+        state = eqx.tree_at(
+            lambda s: (s.env_steps, s.fitted), state, (env_steps, fitted)
+        )
+        return bpo.chunk(state)
+
+    shared = (state.env_steps[0], state.fitted[0])
+    return eqx.filter_vmap(one, in_axes=(eqx.if_array(0), None, None))(state, *shared)
 
 
 def _seed_keys(key: PRNGKeyArray, seeds: int | None) -> PRNGKeyArray:
