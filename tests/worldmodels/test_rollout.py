@@ -92,7 +92,7 @@ def test_hwm_predict_takes_the_cached_route(x64, monkeypatch):
 
     def hessian_vector(run):
         grad = jax.grad(lambda a: jnp.sum(jnp.sin(run(model, s1, a))))
-        return jax.jvp(grad, (actions,), (direction,))[1]
+        return jax.jit(lambda a, d: jax.jvp(grad, (a,), (d,))[1])(actions, direction)
 
     got = hessian_vector(lambda m, s, a: m.predict(s, a))
     assert_close(got, hessian_vector(plain_scan), rtol=1e-10)
