@@ -15,6 +15,7 @@ from ._env import (
     References as References,
     Rollout as Rollout,
 )
+from ._hashing import tree_hash as tree_hash
 from ._references import (
     optimal_return as optimal_return,
     random_return as random_return,

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._errors import error_if
+
 Policy = Callable[[Float[Array, " obs"], PRNGKeyArray], Float[Array, " action"]]
 
 
@@ -110,7 +112,14 @@ class Dynamics(eqx.Module):
             raise ValueError(
                 f"horizon={horizon} differs from the task's horizon={self.env.horizon}."
             )
-        return jnp.asarray(s1), jnp.zeros((), jnp.int32)
+        s1 = jnp.asarray(s1)
+        s1 = error_if(
+            s1,
+            ~jnp.all(jnp.isfinite(s1)),
+            f"{getattr(self.env, 'name', 'the task')}: the state given (s1) is not "
+            f"finite.",
+        )
+        return s1, jnp.zeros((), jnp.int32)
 
     def step(
         self, carry: tuple[Array, Array], action: Float[Array, " action"]

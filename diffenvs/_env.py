@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -10,16 +11,49 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree, Scalar
 
 from ._closed_loop import Dynamics, closed_loop, observation
 from ._errors import branched_error_if
+from ._hashing import tree_hash
 
 
 def param(value: float):
     """A task constant as a field: an array leaf, so one may differentiate or `vmap`
-    over it."""
-    return eqx.field(default=value, converter=jnp.asarray)
+    over it. `AbstractEnv` checks at construction that it is a real scalar, and a
+    finite one unless traced."""
+    return eqx.field(default=value, converter=_as_array, metadata={"constant": True})
+
+
+def _as_array(value: Any) -> Any:
+    # What cannot be an array stays as it is, for `_check_constants` to name.
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _check_constants(env: AbstractEnv) -> None:
+    for field in dataclasses.fields(env):
+        if not field.metadata.get("constant"):
+            continue
+        value = getattr(env, field.name)
+        where = f"{field.name} (a constant of {type(env).__name__})"
+        if (
+            not isinstance(value, jax.Array)
+            or not jnp.issubdtype(value.dtype, jnp.number)
+            or jnp.issubdtype(value.dtype, jnp.complexfloating)
+        ):
+            raise TypeError(f"{where} must be a real number, got {value!r}.")
+        if value.shape != ():
+            raise ValueError(
+                f"{where} must be a scalar, got an array of shape {value.shape}; "
+                f"for a batch of tasks, build one task per value and stack them "
+                f"(docs/envs.md)."
+            )
+        if not isinstance(value, jax.core.Tracer) and not np.isfinite(value):
+            raise ValueError(f"{where} must be finite, got {float(value)}.")
 
 
 class EnvState(eqx.Module):
@@ -48,11 +82,19 @@ class Rollout(eqx.Module):
     rewards: Float[Array, " horizon"]
 
 
+def _as_horizon(horizon: object) -> object:
+    # A NumPy integer is an integer: stored as a Python int, the static shape is
+    # unambiguous. Anything else is left for `_check_horizon` to name.
+    if isinstance(horizon, np.integer) and not isinstance(horizon, np.bool_):
+        return int(horizon)
+    return horizon
+
+
 def _check_horizon(horizon: object) -> None:
     # bool is an int subclass but never a meaningful horizon.
     if isinstance(horizon, bool) or not isinstance(horizon, int):
         raise TypeError(
-            f"horizon must be a positive Python int (the number of control steps), "
+            f"horizon must be a positive int (the number of control steps), "
             f"got {horizon!r} of type {type(horizon).__name__}."
         )
     if horizon <= 0:
@@ -87,12 +129,15 @@ class AbstractEnv(eqx.Module):
 
     Every method handles a single example; batch with `jax.vmap`. None of them is
     jitted: wrap the calling function in `jax.jit` or `eqx.filter_jit`.
+    `jax.jit(env.step)` works too: a task hashes by value (its type, its static
+    fields and the bytes of its constants), so jit caches on it and bakes the
+    constants into the program; a task with other constants compiles anew.
 
     The two fields below are shared by every task, so they live here rather than
     being repeated in each concrete class.
     """
 
-    horizon: int = eqx.field(static=True)
+    horizon: int = eqx.field(static=True, converter=_as_horizon)
     solver: diffrax.AbstractSolver = eqx.field(default_factory=diffrax.Euler)
 
     name: ClassVar[str]
@@ -102,6 +147,12 @@ class AbstractEnv(eqx.Module):
     def __check_init__(self):
         _check_horizon(self.horizon)
         _check_solver(self.solver)
+        _check_constants(self)
+
+    def __hash__(self) -> int:
+        # By value, consistent with `==`, so that `jax.jit(env.step)` can cache on
+        # the bound method.
+        return tree_hash(self)
 
     # ---- what a task defines ---------------------------------------------------
 
@@ -215,7 +266,11 @@ class AbstractEnv(eqx.Module):
         if self._nonfinite_persists():
             finite = _all_finite(last)
         nan_action = jnp.any(jnp.isnan(actions))
-        return states, last, rewards, lambda out: self._report(out, nan_action, finite)
+        bad_s1 = ~_all_finite(s1)
+        return (
+            states, last, rewards,
+            lambda out: self._report(out, nan_action, finite, bad_s1),
+        )  # fmt: skip
 
     def rewards_from_states(
         self,
@@ -225,6 +280,14 @@ class AbstractEnv(eqx.Module):
     ) -> Float[Array, " horizon"]:
         """The rewards r_0 ... r_{H-1} of a trajectory whose states are given (by
         `predict`, or by a world model). Computed in parallel over time."""
+        s1, actions = self._check_shapes(s1, actions)
+        states = jnp.asarray(states)
+        if states.shape != (self.horizon, self.state_dim):
+            raise ValueError(
+                f"states must have shape (horizon, state_dim) = "
+                f"{(self.horizon, self.state_dim)} for task {self.name!r}, got shape "
+                f"{states.shape}; batch with jax.vmap."
+            )
         previous = jnp.concatenate([s1[None], states[:-1]])
         steps = jnp.arange(self.horizon)
         rewards = jax.vmap(self.running_reward)(steps, previous, actions)
@@ -269,8 +332,9 @@ class AbstractEnv(eqx.Module):
         reward = reward + jnp.where(done, self.terminal_reward(next_state), 0.0)
         finite = _all_finite(next_state)
         next_state, reward = self._report(
-            (next_state, reward), jnp.array(False), finite
-        )
+            (next_state, reward), jnp.array(False), finite,
+            ~_all_finite(env_state.state),
+        )  # fmt: skip
         return EnvState(next_state, k + 1), reward, done
 
     def observe(self, env_state: EnvState) -> Float[Array, " obs"]:
@@ -369,8 +433,13 @@ class AbstractEnv(eqx.Module):
         return jnp.clip(action, -1.0, 1.0)
 
     def _check_shapes(self, s1: Array, actions: Array) -> tuple[Array, Array]:
-        s1 = jnp.asarray(s1)
-        actions = jnp.asarray(actions)
+        # In the default floating-point precision at least (float64 under x64), so
+        # that the time loop's carry keeps one type.
+        default = jax.dtypes.canonicalize_dtype(jnp.float64)
+        s1, actions = (
+            jnp.asarray(x, jnp.promote_types(jnp.result_type(x), default))
+            for x in (s1, actions)
+        )
         if s1.shape != (self.state_dim,):
             raise ValueError(
                 f"s1 must have shape (state_dim,) = ({self.state_dim},) for task "
@@ -384,21 +453,29 @@ class AbstractEnv(eqx.Module):
             )
         return s1, actions
 
-    def _report(self, out: PyTree[Array], nan_action: Array, finite: Array) -> Any:
-        """`out`, with a check (under `jit` and in derivatives too) that raises if an
-        action was NaN or a state non-finite."""
+    def _report(
+        self,
+        out: PyTree[Array],
+        nan_action: Array,
+        finite: Array,
+        bad_state: Array | bool = False,
+    ) -> Any:
+        """`out`, with a check (under `jit` and in derivatives too) that raises if the
+        given state was not finite, an action was NaN or a state became non-finite."""
         # Under vmap, Equinox reports the largest index raised anywhere in the batch,
-        # so the more specific message (a NaN action) gets the larger index.
+        # so the more specific messages (bad input) get the larger indices.
         return branched_error_if(
             out,
-            nan_action | ~finite,
-            jnp.where(nan_action, 1, 0),
+            bad_state | nan_action | ~finite,
+            jnp.where(bad_state, 2, jnp.where(nan_action, 1, 0)),
             (
                 f"{self.name}: the integration diverged (a non-finite state) at "
                 f"horizon={self.horizon}, dt={self.dt:.4g} with solver "
                 f"{type(self.solver).__name__}; the step is too coarse for this "
                 f"task: use a longer horizon or a more stable solver.",
                 f"{self.name}: actions contain NaN.",
+                f"{self.name}: the state given (s1, or the state of the EnvState) is "
+                f"not finite.",
             ),
         )
 

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import pathlib
+import tempfile
+import warnings
 from typing import TYPE_CHECKING, cast
 
 import equinox as eqx
@@ -248,12 +250,56 @@ def references(env: AbstractEnv) -> References:
     entry = load_table().get(env.name, {}).get(str(env.horizon))
     if entry is None or entry["fingerprint"] != key:
         path = cache_dir() / f"{env.name}-{env.horizon}-{key}.json"
-        if path.exists():
-            entry = json.loads(path.read_text())
-        else:
+        entry = _read_cached(path)
+        if entry is None:
             entry = compute_references(env, progress=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(entry, indent=1))
+            _write_cached(path, entry)
     result = References(random=entry["random"], optimal=entry["optimal"])
     _memory[key] = result
     return result
+
+
+def _read_cached(path: pathlib.Path) -> dict | None:
+    """The cached entry, or `None` if there is none or it cannot be read (a
+    truncated or foreign file is recomputed, with a warning)."""
+    try:
+        entry = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as error:
+        warnings.warn(
+            f"ignoring the unreadable reference cache {path} ({error}); recomputing.",
+            stacklevel=3,
+        )
+        return None
+    if not isinstance(entry, dict) or not {"random", "optimal"} <= entry.keys():
+        warnings.warn(
+            f"ignoring the malformed reference cache {path}; recomputing.",
+            stacklevel=3,
+        )
+        return None
+    return entry
+
+
+def _write_cached(path: pathlib.Path, entry: dict) -> None:
+    """Write atomically (a temporary file in the same folder, then a rename), so a
+    concurrent process never reads half a file; a cache that cannot be written is
+    a warning, never the loss of the computed result."""
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
+        ) as file:
+            temporary = file.name
+            file.write(json.dumps(entry, indent=1))
+        os.replace(temporary, path)
+    except OSError as error:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+        warnings.warn(
+            f"could not write the reference cache {path} ({error}); the result is "
+            f"kept in memory for this process. Set DIFFENVS_CACHE_DIR to a writable "
+            f"folder to keep it.",
+            stacklevel=3,
+        )

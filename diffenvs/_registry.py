@@ -44,6 +44,11 @@ def register(name: str, factory: EnvFactory, *, overwrite: bool = False) -> None
             `AbstractEnv`. A subclass of `AbstractEnv` is itself such a factory.
         overwrite: replace an existing task of the same name instead of failing.
     """
+    if not _accepts(factory, "horizon"):
+        raise TypeError(
+            f"factory must accept the horizon as a keyword, factory(horizon=H, "
+            f"**options); {factory!r} has no horizon parameter."
+        )
     add_entry(_REGISTRY, "task", name, factory, overwrite)
 
 
@@ -76,7 +81,11 @@ def make(name: str, horizon: int, **options) -> AbstractEnv:
                 f"unknown option(s) {unknown} for task {name!r}; valid options are: "
                 f"{', '.join(sorted(parameters))}."
             ) from None
-        raise error
+        error.add_note(_building(name, horizon, options))
+        raise
+    except Exception as error:
+        error.add_note(_building(name, horizon, options))
+        raise
     if not isinstance(env, AbstractEnv):
         raise TypeError(
             f"the factory registered as {name!r} returned {type(env).__name__}, "
@@ -115,12 +124,38 @@ def lookup(registry: dict[str, Callable], kind: str, name: str) -> Callable:
         ) from None
 
 
+def _building(name: str, horizon: object, options: dict) -> str:
+    return (
+        f"(raised by the factory of task {name!r}, called with horizon={horizon!r}"
+        f"{''.join(f', {k}={v!r}' for k, v in options.items())})"
+    )
+
+
 def _options_of(factory: EnvFactory) -> set[str]:
+    """The keyword options `factory` names; empty when it cannot be told (no
+    signature, or a `**kwargs` that takes anything)."""
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
         return set()
-    return {key for key in signature.parameters if key != "horizon"}
+    parameters = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return set()
+    return {p.name for p in parameters if p.name != "horizon"}
+
+
+def _accepts(factory: Callable, keyword: str) -> bool:
+    """Whether `factory` can be called with `keyword=...` (true when its signature
+    cannot be read)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == keyword and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for p in signature.parameters.values()
+    )
 
 
 for _cls in (

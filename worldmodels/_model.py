@@ -32,6 +32,11 @@ class AbstractWorldModel(eqx.Module):
     every input state is the true one; `worldmodels.loss` uses it when present.
     """
 
+    def __hash__(self) -> int:
+        # By value (`diffenvs.tree_hash`), so that `jax.jit(model.predict)` can
+        # cache on the bound method, with the weights as constants.
+        return diffenvs.tree_hash(self)
+
     @abc.abstractmethod
     def predict(
         self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]

@@ -171,6 +171,47 @@ def test_jit_equals_eager(env):
         assert_close(jitted, eager, rtol=FLOAT32_RTOL)
 
 
+def test_jit_of_bound_methods(env):
+    """The gymnax idiom `jax.jit(env.step)`: a task hashes by value, so jit caches
+    on the bound method; a task with other constants is another program."""
+    s1 = env.initial_state()
+    actions = uniform_actions(jr.key(14), env)
+    state = jax.jit(env.reset)(jr.key(0))
+    assert_close(state.state, env.reset(jr.key(0)).state, rtol=0)
+    got = jax.jit(env.step)(state, actions[0])
+    want = env.step(state, actions[0])
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        if jnp.issubdtype(w.dtype, jnp.inexact):
+            assert_close(jnp.atleast_1d(g), jnp.atleast_1d(w), rtol=FLOAT32_RTOL)
+        else:
+            np.testing.assert_array_equal(g, w)
+    assert_close(
+        jax.jit(env.predict)(s1, actions), env.predict(s1, actions), rtol=FLOAT32_RTOL
+    )
+    assert_close(
+        jax.jit(env.rewards)(s1, actions), env.rewards(s1, actions), rtol=FLOAT32_RTOL
+    )
+    # Equal tasks hash alike; new constants give another hash and their own result.
+    rebuilt = jax.tree.map(lambda x: x, env)
+    assert rebuilt == env and hash(rebuilt) == hash(env)
+    other = scale_constants(env, 1.05)
+    if other != env:
+        assert hash(other) != hash(env)
+        assert_close(
+            jax.jit(other.rewards)(s1, actions),
+            other.rewards(s1, actions),
+            rtol=FLOAT32_RTOL,
+        )
+
+
+def test_traced_task_cannot_be_hashed(env):
+    def hashed(env):
+        return hash(env)
+
+    with pytest.raises(TypeError, match="pass it as an argument"):
+        eqx.filter_jit(hashed)(env)
+
+
 def test_vmap_equals_loop(env):
     s1 = env.initial_state()
     batch = uniform_actions(jr.key(3), env, batch=(3,))

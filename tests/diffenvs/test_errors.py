@@ -1,6 +1,8 @@
 """Bad input: each mistake is reported where it is made, naming the argument, the
 value and what was expected; bad data is caught under `jit` and `vmap` too."""
 
+import dataclasses
+
 import diffrax
 import equinox as eqx
 import jax
@@ -41,13 +43,80 @@ def test_non_positive_horizon(horizon):
 
 # Equinox warns before the check runs that a NumPy scalar is being made static.
 @pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
-@pytest.mark.parametrize("horizon", [2.5, True, "10", None, np.int64(10)])
+@pytest.mark.parametrize("horizon", [2.5, True, "10", None, np.float64(10)])
 def test_horizon_that_is_not_an_int(horizon):
-    # A NumPy integer is rejected too: the horizon is a static shape, and a
-    # Python int is what makes that unambiguous.
     for name in BUILTIN:
-        with pytest.raises(TypeError, match="horizon must be a positive Python int"):
+        with pytest.raises(TypeError, match="horizon must be a positive int"):
             diffenvs.make(name, horizon=horizon)
+
+
+def test_numpy_integer_horizon_is_an_int():
+    # Stored as a Python int: the horizon is a static shape.
+    env = diffenvs.make("hiv", horizon=np.int64(10))
+    assert type(env.horizon) is int and env.horizon == 10
+    assert env.predict(env.initial_state(), jnp.zeros((10, 1))).shape == (10, 3)
+
+
+@pytest.mark.parametrize(
+    "value, error, expected",
+    [
+        ("ten", TypeError, "must be a real number, got 'ten'"),
+        (None, TypeError, "must be a real number, got None"),
+        (1 + 2j, TypeError, "must be a real number"),
+        (jnp.ones(3), ValueError, r"must be a scalar, got an array of shape \(3,\)"),
+        (float("nan"), ValueError, "must be finite, got nan"),
+        (float("inf"), ValueError, "must be finite, got inf"),
+    ],
+    ids=["string", "none", "complex", "vector", "nan", "inf"],
+)
+def test_bad_constant_is_named_at_construction(value, error, expected):
+    with pytest.raises(error, match=r"s \(a constant of HIV\) " + expected):
+        diffenvs.make("hiv", horizon=HORIZON, s=value)
+    # Every task checks its constants the same way.
+    for name in BUILTIN:
+        env = diffenvs.make(name, horizon=HORIZON)
+        constant = next(
+            f.name for f in dataclasses.fields(env) if f.metadata.get("constant")
+        )
+        with pytest.raises(error, match=f"{constant} \\(a constant of"):
+            diffenvs.make(name, horizon=HORIZON, **{constant: value})
+
+
+def test_traced_constant_is_accepted():
+    # A constant built inside `jax.grad` is a tracer: its shape is checked, its
+    # value cannot be.
+    actions = jnp.zeros((HORIZON, 1))
+
+    def episode_return(s):
+        return diffenvs.make("hiv", horizon=HORIZON, s=s).episode_return(actions)
+
+    assert np.isfinite(jax.grad(episode_return)(10.0))
+    with pytest.raises(ValueError, match="must be a scalar"):
+        jax.grad(lambda s: episode_return(jnp.full(2, s)))(10.0)
+
+
+def test_factory_mistakes_are_reported_as_such(monkeypatch):
+    # Registered into a copy of the registry, so no other test sees these tasks.
+    registry = diffenvs._registry
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    with pytest.raises(TypeError, match="factory must accept the horizon as a keyword"):
+        diffenvs.register("test_no_horizon", lambda steps: None)
+    assert "test_no_horizon" not in diffenvs.names()
+
+    def failing(horizon, scale=1.0):
+        return diffenvs.HIV(horizon=horizon, s=scale * jnp.ones(2))
+
+    diffenvs.register("test_failing_factory", failing)
+    # The factory's own error, with a note saying which call raised it.
+    with pytest.raises(ValueError, match="must be a scalar") as info:
+        diffenvs.make("test_failing_factory", horizon=HORIZON, scale=2.0)
+    assert any(
+        "factory of task 'test_failing_factory', called with horizon=10, scale=2.0"
+        in note
+        for note in info.value.__notes__
+    )
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['scal'\]"):
+        diffenvs.make("test_failing_factory", horizon=HORIZON, scal=2.0)
 
 
 def test_unknown_option_is_named():
@@ -201,6 +270,35 @@ def test_diverging_integration_raises(cancer):
     harvest = diffenvs.make("harvest", horizon=HORIZON, mortality=1e30)
     with pytest.raises(EquinoxRuntimeError, match=r"diverged .* horizon=10, dt=1"):
         jit_evaluate(harvest, harvest.initial_state(), actions)
+
+
+@pytest.mark.parametrize("value", [jnp.nan, jnp.inf], ids=["nan", "inf"])
+def test_non_finite_initial_state_is_named(cancer, value):
+    """Bad input, not a diverged integration: the message says so, under jit, in
+    a gradient alone and from the step interface."""
+    s1 = cancer.initial_state().at[0].set(value)
+    actions = jnp.zeros((HORIZON, 1))
+    message = "cancer: the state given .* is not finite"
+    with pytest.raises(EquinoxRuntimeError, match=message):
+        jit_evaluate(cancer, s1, actions)
+    with pytest.raises(EquinoxRuntimeError, match=message):
+        eqx.filter_jit(jax.grad(lambda s: jnp.sum(cancer.rewards(s, actions))))(s1)
+    with pytest.raises(EquinoxRuntimeError, match=message):
+        state = diffenvs.EnvState(s1, jnp.zeros((), jnp.int32))
+        eqx.filter_jit(cancer.step)(state, jnp.zeros(1))
+
+
+def test_lower_precision_inputs_are_promoted_under_x64(x64):
+    # A float32 or integer s1 and float32 actions under x64 run in float64 (the
+    # time loop's carry needs one type).
+    env = diffenvs.make("hiv", horizon=HORIZON)
+    actions = jnp.zeros((HORIZON, 1), jnp.float32)
+    want = env.predict(env.initial_state(), actions.astype(jnp.float64))
+    for s1 in (env.initial_state().astype(jnp.float32), jnp.array([800, 0, 1])):
+        got = env.predict(s1, actions)
+        assert got.dtype == jnp.float64
+        if s1.dtype == jnp.float32:
+            np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 # A return linear in the state (hiv: A T - (1 - u)^2) needs no saved state for its

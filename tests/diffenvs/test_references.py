@@ -179,6 +179,31 @@ def test_other_configurations_are_computed_once_and_cached(monkeypatch, tmp_path
     assert calls == [12]
 
 
+def test_an_unusable_cache_costs_a_warning_not_the_result(monkeypatch, tmp_path):
+    """A cache folder that cannot be created keeps the computed result (with a
+    warning); a corrupt cache file is recomputed and replaced, atomically."""
+    monkeypatch.setattr(_references, "_memory", {})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("DIFFENVS_CACHE_DIR", str(blocker / "cache"))
+    env = diffenvs.make("timber", horizon=12, k=1.2)
+    with pytest.warns(UserWarning, match="could not write the reference cache"):
+        refs = env.references()
+    np.testing.assert_allclose(refs.optimal, timber_euler_optimum(12, k=1.2), rtol=1e-9)
+
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("DIFFENVS_CACHE_DIR", str(folder))
+    monkeypatch.setattr(_references, "_memory", {})
+    env.references()
+    (cached,) = folder.iterdir()
+    cached.write_text('{"random": 1.0, "optim')  # a half-written file
+    monkeypatch.setattr(_references, "_memory", {})
+    with pytest.warns(UserWarning, match="unreadable reference cache"):
+        assert env.references() == refs
+    assert json.loads(cached.read_text())["optimal"] == refs.optimal
+    assert [p.name for p in folder.iterdir()] == [cached.name]  # no temporary left
+
+
 def test_fingerprint_separates_configurations_and_ignores_precision():
     base = fingerprint(diffenvs.make("hiv", horizon=50))
     with jax.enable_x64(True):
