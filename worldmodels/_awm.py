@@ -56,7 +56,7 @@ class AWM(AbstractSequenceModel):
         return _AWMCarry(self.backbone.init(horizon), z1, jnp.zeros((), jnp.int32))
 
     def step(self, carry: _AWMCarry, action: Float[Array, " action"]):
-        action = self._check_action(action)
+        action = self._check_action(action, carry.step)
         time = self._time_at(carry.step, carry.z1.dtype)
         x = self.embedding(jnp.concatenate([action, carry.z1, time]))
         backbone, y = self.backbone.step(carry.backbone, x)

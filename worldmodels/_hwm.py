@@ -50,7 +50,7 @@ class HWM(AbstractSequenceModel):
         return _HWMCarry(self.backbone.init(horizon), z1, jnp.zeros((), jnp.int32))
 
     def step(self, carry: _HWMCarry, action: Float[Array, " action"]):
-        action = self._check_action(action)
+        action = self._check_action(action, carry.step)
         time = self._time_at(carry.step, carry.z.dtype)
         x = self.embedding(jnp.concatenate([carry.z, action, time]))
         backbone, y = self.backbone.step(carry.backbone, x)

@@ -8,9 +8,10 @@ import abc
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from diffenvs._errors import error_if
+from diffenvs._errors import branched_error_if, error_if
 
 from ._backbones._backbone import AbstractBackbone, Carry
 from ._model import AbstractWorldModel
@@ -96,16 +97,34 @@ class AbstractLearnedModel(AbstractWorldModel):
                 f"{type(self).__name__}, got shape {s1.shape}; was the model built "
                 f"for another task?"
             )
-        return s1
+        # The check runs in derivatives too (`diffenvs._errors`).
+        return error_if(
+            s1, ~jnp.all(jnp.isfinite(s1)), "worldmodels: s1 is not finite."
+        )
 
-    def _check_action(self, action: Array) -> Array:
+    def _check_action(self, action: Array, step: Array | None = None) -> Array:
         action = jnp.asarray(action)
         if action.shape != (self.action_dim,):
             raise ValueError(
                 f"action must have shape (action_dim,) = ({self.action_dim},) for "
                 f"this {type(self).__name__}, got shape {action.shape}."
             )
-        return action
+        if step is None:
+            return jnp.clip(action, -1.0, 1.0)
+        # A step past the horizon would read time features and cache rows that
+        # do not exist; the checks run in derivatives too (`diffenvs._errors`).
+        nan = jnp.any(jnp.isnan(action))
+        action = branched_error_if(
+            action,
+            nan | (step >= self.horizon),
+            jnp.where(nan, 1, 0),
+            (
+                f"worldmodels: step called past the horizon={self.horizon} this "
+                f"{type(self).__name__} was built for.",
+                "worldmodels: action contains NaN.",
+            ),
+        )
+        return jnp.clip(action, -1.0, 1.0)
 
     def _check_actions(self, actions: Array) -> Array:
         actions = jnp.asarray(actions)
@@ -116,11 +135,17 @@ class AbstractLearnedModel(AbstractWorldModel):
                 f"{actions.shape}; batch with jax.vmap, and check that the model "
                 f"was built for this task."
             )
+        if actions.shape[0] == 0:
+            raise ValueError(
+                f"actions must hold at least one step, got shape {actions.shape}."
+            )
         self._check_horizon(actions.shape[0])
-        # The check runs in derivatives too (`diffenvs._errors`).
-        return error_if(
+        # The check runs in derivatives too (`diffenvs._errors`). Actions are
+        # clipped to [-1, 1] as every task clips them.
+        actions = error_if(
             actions, jnp.any(jnp.isnan(actions)), "worldmodels: actions contain NaN."
         )
+        return jnp.clip(actions, -1.0, 1.0)
 
     def _check_states(self, states: Array, length: int) -> Array:
         states = jnp.asarray(states)
@@ -132,6 +157,10 @@ class AbstractLearnedModel(AbstractWorldModel):
         return states
 
     def _check_horizon(self, horizon: int) -> None:
+        if isinstance(horizon, bool) or not isinstance(horizon, int | np.integer):
+            raise TypeError(f"horizon must be an int, got {horizon!r}.")
+        if horizon < 1:
+            raise ValueError(f"horizon must be at least 1, got horizon={horizon}.")
         if horizon > self.horizon:
             raise ValueError(
                 f"this {type(self).__name__} was built for sequences of at most "

@@ -83,5 +83,5 @@ class Markov(AbstractLearnedModel):
         return _MarkovCarry(self._initial(s1, horizon), jnp.zeros((), jnp.int32))
 
     def step(self, carry: _MarkovCarry, action: Float[Array, " action"]):
-        z = self._next(carry.z, self._check_action(action), carry.step)
+        z = self._next(carry.z, self._check_action(action, carry.step), carry.step)
         return _MarkovCarry(z, carry.step + 1), self.normaliser.denormalise(z)

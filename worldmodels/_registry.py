@@ -123,7 +123,13 @@ def make(
             f"unknown size {', '.join(unknown)} for model {name!r}; valid sizes are: "
             f"{', '.join(f'{k}={v}' for k, v in valid.items())}."
         )
-    return factory(env.state_dim, env.action_dim, env.horizon, key=key, **sizes_)
+    model = factory(env.state_dim, env.action_dim, env.horizon, key=key, **sizes_)
+    if not callable(getattr(model, "predict", None)):
+        raise TypeError(
+            f"the factory registered as {name!r} returned {type(model).__name__}, "
+            f"expected a world model (an object with predict(s1, actions))."
+        )
+    return model
 
 
 def _lookup(name: str) -> ModelFactory:

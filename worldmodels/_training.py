@@ -19,6 +19,17 @@ import diffenvs
 from ._normaliser import Normaliser
 
 
+def _as_array(value: Any) -> Any:
+    # Lists and NumPy arrays become arrays; what cannot is left for the check to
+    # name. Tracers stay as they are.
+    if isinstance(value, jax.Array):
+        return value
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):
+        return value
+
+
 class Episodes(eqx.Module):
     """A dataset of episodes: initial states, actions and the states that
     followed, with row t of `states` the state after action t.
@@ -29,11 +40,29 @@ class Episodes(eqx.Module):
         states: shape `(episodes, horizon, state_dim)`.
     """
 
-    s1: Float[Array, "episodes state"]
-    actions: Float[Array, "episodes horizon action"]
-    states: Float[Array, "episodes horizon state"]
+    s1: Float[Array, "episodes state"] = eqx.field(converter=_as_array)
+    actions: Float[Array, "episodes horizon action"] = eqx.field(converter=_as_array)
+    states: Float[Array, "episodes horizon state"] = eqx.field(converter=_as_array)
 
     def __check_init__(self):
+        for name, ndim, axes in (
+            ("s1", 2, "(episodes, state_dim)"),
+            ("actions", 3, "(episodes, horizon, action_dim)"),
+            ("states", 3, "(episodes, horizon, state_dim)"),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, jax.Array) or not jnp.issubdtype(
+                value.dtype, jnp.floating
+            ):
+                raise TypeError(
+                    f"Episodes.{name} must be a floating-point array, got "
+                    f"{_describe(value)}."
+                )
+            if value.ndim != ndim:
+                raise ValueError(
+                    f"Episodes.{name} must have shape {axes}, got shape "
+                    f"{value.shape}; for a single episode, add a leading axis of 1."
+                )
         n, horizon, _ = self.actions.shape
         if self.s1.shape[0] != n or self.states.shape[:2] != (n, horizon):
             raise ValueError(
@@ -47,6 +76,20 @@ class Episodes(eqx.Module):
                 f"s1 and states must have the same state_dim, got {self.s1.shape[1]} "
                 f"and {self.states.shape[2]}."
             )
+        # Concrete data only: under jit (a batch drawn from a buffer) the values
+        # are not known here.
+        for name in ("s1", "actions", "states"):
+            value = getattr(self, name)
+            if isinstance(value, jax.core.Tracer):
+                continue
+            bad = ~np.isfinite(np.asarray(value))
+            if bad.any():
+                where = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(
+                    f"Episodes.{name} holds {int(bad.sum())} non-finite value(s), the "
+                    f"first at index {where} (episode {where[0]}); a model trained "
+                    f"on them would predict NaN. Drop or repair those episodes."
+                )
 
     @classmethod
     def from_env(
@@ -55,12 +98,35 @@ class Episodes(eqx.Module):
         """The episodes of `env` from its initial state under each action sequence
         (open loop), simulated in one batch. Actions are clipped to `[-1, 1]`, as
         the task itself does, so the stored actions are the ones applied."""
-        actions = jnp.clip(jnp.asarray(actions), -1.0, 1.0)
+        actions = jnp.asarray(actions)
+        if actions.ndim != 3 or actions.shape[1:] != (env.horizon, env.action_dim):
+            raise ValueError(
+                f"actions must have shape (episodes, horizon, action_dim) = "
+                f"(episodes, {env.horizon}, {env.action_dim}) for task "
+                f"{env.name!r}, got shape {actions.shape}; for a single episode, "
+                f"add a leading axis of 1."
+            )
+        actions = jnp.clip(actions, -1.0, 1.0)
         s1 = jnp.broadcast_to(env.initial_state(), (actions.shape[0], env.state_dim))
         return cls(s1, actions, _simulate(env, s1, actions))
 
     def __len__(self) -> int:
         return self.actions.shape[0]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, jax.Array | np.ndarray):
+        return f"an array of dtype {value.dtype} and shape {value.shape}"
+    return f"{type(value).__name__} {value!r}"[:200]
+
+
+def _check_optimiser(optimiser: Any) -> None:
+    if not isinstance(optimiser, optax.GradientTransformation):
+        hint = "; call it first, e.g. optax.adam(1e-3)" if callable(optimiser) else ""
+        raise TypeError(
+            f"optimiser must be an optax.GradientTransformation, got "
+            f"{optimiser!r}{hint}."
+        )
 
 
 @eqx.filter_jit
@@ -82,6 +148,19 @@ def loss(
     teacher-forced predictions, where every state it reads is the true one;
     any other model on `predict`. Single example; use `jax.vmap`.
     """
+    s1, actions, states = (jnp.asarray(x) for x in (s1, actions, states))
+    if actions.ndim != 2 or s1.ndim != 1:
+        raise ValueError(
+            f"loss takes one episode: s1 of shape (state_dim,) and actions of shape "
+            f"(horizon, action_dim), got shapes {s1.shape} and {actions.shape}; "
+            f"batch with jax.vmap."
+        )
+    if states.shape != (actions.shape[0], s1.shape[0]):
+        raise ValueError(
+            f"states must have shape (horizon, state_dim) = "
+            f"{(actions.shape[0], s1.shape[0])} to match s1 and actions, got shape "
+            f"{states.shape}."
+        )
     teacher_forced = getattr(model, "teacher_forced", None)
     if teacher_forced is not None:
         predicted = teacher_forced(s1, actions, states)
@@ -151,6 +230,7 @@ def update(
     Returns:
         The new model, the new optimiser state and the batch's loss before the step.
     """
+    _check_optimiser(optimiser)
     params, static = eqx.partition(model, parameters(model))
 
     def batch_loss(params):
@@ -221,6 +301,13 @@ def fit(
     split = None if devices is None else _batch_sharding(devices, batch_size)
     if optimiser is None:
         optimiser = DEFAULT_OPTIMISER
+    _check_optimiser(optimiser)
+    if not isinstance(episodes, Episodes):
+        raise TypeError(
+            f"episodes must be worldmodels.Episodes, got {type(episodes).__name__}."
+        )
+    if len(episodes) == 0:
+        raise ValueError("episodes is empty: fit needs at least one episode.")
     all_states = jnp.concatenate([episodes.s1[:, None], episodes.states], axis=1)
     statistics = Normaliser.from_states(all_states)
     if normalise:

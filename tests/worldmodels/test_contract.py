@@ -119,6 +119,25 @@ def test_jit_equals_eager(model, env, key):
     )
 
 
+def test_jit_of_the_bound_method(model, env, key):
+    """`jax.jit(model.predict)`: a model hashes by value, so jit caches on the
+    bound method with the weights as constants; new weights are a new program."""
+    if not isinstance(model, worldmodels.AbstractWorldModel):
+        pytest.skip("the user's model is a plain eqx.Module, hashed by Equinox")
+    s1, actions = env.initial_state(), random_actions(key, env)
+    assert_close(
+        jax.jit(model.predict)(s1, actions), model.predict(s1, actions),
+        rtol=FLOAT32_RTOL,
+    )  # fmt: skip
+    moved = jax.tree.map(lambda x: x * 1.1 if eqx.is_inexact_array(x) else x, model)
+    if moved != model:
+        assert hash(moved) != hash(model)
+        assert_close(
+            jax.jit(moved.predict)(s1, actions), moved.predict(s1, actions),
+            rtol=FLOAT32_RTOL,
+        )  # fmt: skip
+
+
 def test_vmap_equals_loop(model, env, key):
     actions = random_actions(key, env, batch=(3,))
     s1 = jnp.broadcast_to(env.initial_state(), (3, env.state_dim))
@@ -190,6 +209,37 @@ def test_nan_actions_raise(model, env, key):
 
     with pytest.raises(EquinoxRuntimeError, match="NaN"):
         jax.block_until_ready(grad(model, env.initial_state(), actions))
+
+
+def test_actions_outside_the_box_act_as_clipped(model, env, key):
+    """One rule for every model and task: actions are clipped to [-1, 1], so an
+    action of 100 or inf is an action of 1, through `predict` and step by step."""
+    if name_of(model) == "user":
+        pytest.skip("the user's model makes no promise about clipping")
+    inside = random_actions(key, env)
+    outside = inside.at[2].set(100.0).at[4].set(-jnp.inf).at[5, 0].set(jnp.inf)
+    clipped = jnp.clip(outside, -1.0, 1.0)
+    s1 = env.initial_state()
+    assert_close(
+        jit_predict(model, s1, outside), jit_predict(model, s1, clipped),
+        rtol=FLOAT32_RTOL,
+    )  # fmt: skip
+    assert_close(
+        jit_unroll(model, s1, outside), jit_unroll(model, s1, clipped),
+        rtol=FLOAT32_RTOL,
+    )  # fmt: skip
+
+
+def test_non_finite_initial_state_raises(model, env, key):
+    if name_of(model) == "user":
+        pytest.skip("the user's model makes no promise about NaN")
+    actions = random_actions(key, env)
+    for value in (jnp.nan, jnp.inf):
+        s1 = env.initial_state().at[0].set(value)
+        with pytest.raises(EquinoxRuntimeError, match="not finite"):
+            jax.block_until_ready(jit_predict(model, s1, actions))
+        with pytest.raises(EquinoxRuntimeError, match="not finite"):
+            jax.block_until_ready(jit_unroll(model, s1, actions))
 
 
 def test_other_task_sizes_fail_clearly(model, env, key):

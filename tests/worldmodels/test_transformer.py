@@ -104,8 +104,6 @@ def test_batch_in_chunks_equals_one_example_at_a_time(x64, monkeypatch, batch):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert_close(g, w, rtol=1e-10)
     input_grad = eqx.filter_jit(jax.grad(loss, argnums=1))(transformer, inputs)
-    one_example = eqx.filter_jit(
-        jax.grad(lambda m, x, c: jnp.sum(m(x) * c), argnums=1)
-    )
+    one_example = eqx.filter_jit(jax.grad(lambda m, x, c: jnp.sum(m(x) * c), argnums=1))
     for x, c, g in zip(inputs, cotangent, input_grad, strict=True):
         assert_close(g, one_example(transformer, x, c), rtol=1e-10)
