@@ -205,6 +205,8 @@ class BPO(eqx.Module):
                 f"model must be None (the simulator) or implement predict(s1, "
                 f"actions) -> states, got {type(model).__name__}."
             )
+        if model is not None:
+            _check_model(model, env)
         if warmup_actions not in ("uniform", "policy"):
             raise ValueError(
                 f"warmup_actions must be 'uniform' or 'policy', got {warmup_actions!r}."
@@ -535,6 +537,29 @@ class BPO(eqx.Module):
             (policy, opt, state.skipped.at[1].add(skipped)),
         )
         return state, records
+
+
+def _check_model(model: Any, env: diffenvs.AbstractEnv) -> None:
+    """Trace `model.predict` on one episode of `env` (shapes only, nothing runs),
+    so that a model built for another task fails here, not inside training."""
+    s1 = jax.ShapeDtypeStruct((env.state_dim,), env.initial_state().dtype)
+    actions = jax.ShapeDtypeStruct((env.horizon, env.action_dim), s1.dtype)
+    try:
+        states = eqx.filter_eval_shape(
+            lambda m, s, a: m.predict(s, a), model, s1, actions
+        )
+    except Exception as error:
+        raise ValueError(
+            f"model.predict fails on an episode of task {env.name!r} (s1 of shape "
+            f"{s1.shape}, actions of shape {actions.shape}): {error}"
+        ) from error
+    expected = (env.horizon, env.state_dim)
+    if getattr(states, "shape", None) != expected:
+        raise ValueError(
+            f"model.predict must return states of shape (horizon, state_dim) = "
+            f"{expected} for task {env.name!r}, got "
+            f"{getattr(states, 'shape', type(states).__name__)}."
+        )
 
 
 def _fori_loop(count: Array, body: Callable, init: Any) -> Any:

@@ -82,7 +82,13 @@ def _chunk(bpo: BPO, state: TrainState):
 
 
 def _seed_keys(key: PRNGKeyArray, seeds: int | None) -> PRNGKeyArray:
-    key = jnp.asarray(key)
+    if not isinstance(key, jax.Array) or not jnp.issubdtype(
+        key.dtype, jax.dtypes.prng_key
+    ):
+        raise TypeError(
+            f"key must be a PRNG key such as jax.random.key(0), got {key!r}; a "
+            f"legacy jax.random.PRNGKey converts with jax.random.wrap_key_data."
+        )
     if seeds is None:
         if key.shape != ():
             raise ValueError(

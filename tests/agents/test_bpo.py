@@ -212,6 +212,13 @@ def test_bad_arguments_are_named():
         agents.BPO("cancer")
     with pytest.raises(TypeError, match="implement predict"):
         agents.BPO(env, model=object())
+    # A model built for another task fails at construction, not inside training.
+    other = worldmodels.make("awm-rnn", diffenvs.make("hiv", horizon=10), key=jr.key(0))
+    with pytest.raises(ValueError, match="model.predict fails on an episode of task"):
+        agents.BPO(env, model=other)
+    wrong = GRUModel(env.state_dim + 1, env.action_dim, key=jr.key(0))
+    with pytest.raises(ValueError, match="model.predict"):
+        agents.BPO(env, model=wrong)
     bpo = agents.BPO(env, **SMALL)
     with pytest.raises(ValueError, match="env_steps must be a positive int"):
         bpo.train(jr.key(0), env_steps=0)
@@ -219,3 +226,5 @@ def test_bad_arguments_are_named():
         bpo.train(jr.key(0), env_steps=40, seeds=0)
     with pytest.raises(ValueError, match="single PRNG key"):
         bpo.train(jr.split(jr.key(0), 2), env_steps=40)
+    with pytest.raises(TypeError, match=r"key must be a PRNG key such as"):
+        bpo.train(0, env_steps=40)
