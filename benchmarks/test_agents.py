@@ -299,16 +299,16 @@ def test_vmapped_seeds_against_sequential_runs(benchmark, agents_results):
             ours, theirs = _interleave(together, apart, rounds=3)
             speedup = _speedup(ours, theirs)
             prefix = name if phase == "training" else f"{phase}_{name}"
-            case[f"{prefix}_env_steps_per_s"] = seeds * env_steps / speedup[
-                "ours_median_s"
-            ]
+            case[f"{prefix}_env_steps_per_s"] = (
+                seeds * env_steps / speedup["ours_median_s"]
+            )
             case[f"{prefix}_speedup_median"] = speedup["speedup_median"]
             case[f"{prefix}_speedup_min"] = speedup["speedup_min"]
             case[f"{prefix}_speedup_max"] = speedup["speedup_max"]
             if phase == "training":
-                case["sequential_env_steps_per_s"] = seeds * env_steps / speedup[
-                    "baseline_median_s"
-                ]
+                case["sequential_env_steps_per_s"] = (
+                    seeds * env_steps / speedup["baseline_median_s"]
+                )
     case["speedup_median"] = max(
         case["vmapped_speedup_median"], case["sharded_speedup_median"]
     )
