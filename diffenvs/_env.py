@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree, Scalar
 
 from ._closed_loop import Dynamics, closed_loop, observation
-from ._errors import branched_error_if
+from ._errors import branched_error_if, check_key
 from ._hashing import tree_hash
 
 
@@ -361,6 +361,8 @@ class AbstractEnv(eqx.Module):
         Returns:
             A `Rollout` of observations, actions, next states and rewards.
         """
+
+        check_key(key)
 
         def clipped(seen, step_key):
             action = jnp.clip(policy(seen, step_key), -1.0, 1.0)

@@ -47,3 +47,20 @@ def error_if(x: PyTree[ArrayLike], pred: ArrayLike, msg: str) -> PyTree[Array]:
     """`eqx.error_if` on a pytree of floating-point arrays `x` whose check also runs
     in every derivative of the result."""
     return branched_error_if(x, pred, 0, (msg,))
+
+
+def check_key(key: object, name: str = "key") -> None:
+    """Raise a `TypeError` naming `name` unless `key` is a PRNG key: a typed key
+    (`jax.random.key`) or a legacy `uint32` key (`jax.random.PRNGKey`)."""
+    typed = isinstance(key, jax.Array) and jnp.issubdtype(
+        key.dtype, jax.dtypes.prng_key
+    )
+    legacy = (
+        isinstance(key, jax.Array)
+        and key.dtype == jnp.uint32
+        and key.shape[-1:] == (2,)
+    )
+    if not (typed or legacy):
+        raise TypeError(
+            f"{name} must be a PRNG key such as jax.random.key(0), got {key!r}."
+        )

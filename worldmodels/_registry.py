@@ -10,6 +10,7 @@ import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
 import diffenvs
+from diffenvs._errors import check_key
 from diffenvs._registry import add_entry, lookup
 
 from ._awm import AWM
@@ -111,6 +112,7 @@ def make(
         fits it from the data).
     """
     factory = _lookup(name)
+    check_key(key)
     if not isinstance(env, diffenvs.AbstractEnv):
         raise TypeError(
             f"env must be a diffenvs task (diffenvs.make(...)), got {env!r}; to "

@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 from tqdm.auto import tqdm
 
 import diffenvs
+from diffenvs._errors import check_key
 
 from ._normaliser import Normaliser
 
@@ -290,6 +291,7 @@ def fit(
     Returns:
         The trained model and the loss of every step, shape `(steps,)`.
     """
+    check_key(key)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive int, got steps={steps!r}.")
     if (

@@ -170,3 +170,16 @@ def test_rewards_from_states_checks_the_states(env):
         env.rewards_from_states(s1, actions, jnp.zeros((HORIZON, 1)))
     with pytest.raises(ValueError, match="actions must have shape"):
         env.rewards_from_states(s1, actions[:-1], jnp.zeros((HORIZON, 3)))
+
+
+@pytest.mark.parametrize("key", [0, None, np.zeros(3, np.uint32)], ids=str)
+def test_a_key_that_is_not_a_prng_key_is_named(env, episodes, key):
+    with pytest.raises(TypeError, match="key must be a PRNG key such as"):
+        worldmodels.make("markov", env, key=key)
+    model = worldmodels.make("markov", env, key=jr.key(0))
+    with pytest.raises(TypeError, match="key must be a PRNG key such as"):
+        worldmodels.fit(model, episodes, key=key, steps=1)
+    with pytest.raises(TypeError, match="key must be a PRNG key such as"):
+        env.rollout(lambda obs, k: jnp.zeros(1), key)
+    # A legacy uint32 key is still a key.
+    worldmodels.make("markov", env, key=jax.random.PRNGKey(0))
