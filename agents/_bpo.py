@@ -399,13 +399,10 @@ class BPO(eqx.Module):
         # would change what the trained weights see.
         fit_now = (~state.fitted) & (after >= self.warmup_steps)
         # Computed only in the episode that fits (a pass over the whole buffer).
-        dtype = trajectory.states.dtype
         statistics = jax.lax.cond(
             fit_now,
             lambda: buffer.normaliser(),
-            lambda: worldmodels.Normaliser(
-                jnp.zeros(env.state_dim, dtype), jnp.ones(env.state_dim, dtype)
-            ),
+            lambda: worldmodels.Normaliser.identity(env.state_dim),
         )
         policy = _select(
             fit_now, worldmodels.with_normaliser(state.policy, statistics), state.policy

@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree, Scalar
 
 from ._closed_loop import Dynamics, closed_loop, observation
-from ._errors import branched_error_if, check_key
+from ._errors import as_array_or_same, branched_error_if, check_key
 from ._hashing import tree_hash
 
 
@@ -23,15 +23,9 @@ def param(value: float):
     """A task constant as a field: an array leaf, so one may differentiate or `vmap`
     over it. `AbstractEnv` checks at construction that it is a real scalar, and a
     finite one unless traced."""
-    return eqx.field(default=value, converter=_as_array, metadata={"constant": True})
-
-
-def _as_array(value: Any) -> Any:
-    # What cannot be an array stays as it is, for `_check_constants` to name.
-    try:
-        return jnp.asarray(value)
-    except (TypeError, ValueError):
-        return value
+    return eqx.field(
+        default=value, converter=as_array_or_same, metadata={"constant": True}
+    )
 
 
 def _check_constants(env: AbstractEnv) -> None:

@@ -64,3 +64,12 @@ def check_key(key: object, name: str = "key") -> None:
         raise TypeError(
             f"{name} must be a PRNG key such as jax.random.key(0), got {key!r}."
         )
+
+
+def as_array_or_same(value: object) -> object:
+    """`jnp.asarray(value)`, or `value` itself when it cannot be an array, so that a
+    check can name it (a field converter)."""
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):
+        return value

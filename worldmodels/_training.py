@@ -15,20 +15,9 @@ from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 from tqdm.auto import tqdm
 
 import diffenvs
-from diffenvs._errors import check_key
+from diffenvs._errors import as_array_or_same, check_key
 
 from ._normaliser import Normaliser
-
-
-def _as_array(value: Any) -> Any:
-    # Lists and NumPy arrays become arrays; what cannot is left for the check to
-    # name. Tracers stay as they are.
-    if isinstance(value, jax.Array):
-        return value
-    try:
-        return jnp.asarray(value)
-    except (TypeError, ValueError):
-        return value
 
 
 class Episodes(eqx.Module):
@@ -41,9 +30,13 @@ class Episodes(eqx.Module):
         states: shape `(episodes, horizon, state_dim)`.
     """
 
-    s1: Float[Array, "episodes state"] = eqx.field(converter=_as_array)
-    actions: Float[Array, "episodes horizon action"] = eqx.field(converter=_as_array)
-    states: Float[Array, "episodes horizon state"] = eqx.field(converter=_as_array)
+    s1: Float[Array, "episodes state"] = eqx.field(converter=as_array_or_same)
+    actions: Float[Array, "episodes horizon action"] = eqx.field(
+        converter=as_array_or_same
+    )
+    states: Float[Array, "episodes horizon state"] = eqx.field(
+        converter=as_array_or_same
+    )
 
     def __check_init__(self):
         for name, ndim, axes in (
