@@ -15,6 +15,10 @@ from ._env import (
     References as References,
     Rollout as Rollout,
 )
+from ._errors import (
+    branched_error_if as branched_error_if,
+    error_if as error_if,
+)
 from ._hashing import tree_hash as tree_hash
 from ._references import (
     optimal_return as optimal_return,

@@ -21,6 +21,7 @@ from ._model import (
     Incremental as Incremental,
     PredictOnly as PredictOnly,
     Simulator as Simulator,
+    TeacherForced as TeacherForced,
     incremental as incremental,
     unroll as unroll,
 )

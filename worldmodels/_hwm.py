@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._backbones._backbone import Carry, dense
-from ._learned import AbstractSequenceModel
+from ._backbones._backbone import AbstractBackbone, dense
+from ._learned import AbstractSequenceModel, sequence_layers
+from ._normaliser import Normaliser
+from ._rollout import rollout
 
 
 class _HWMCarry(eqx.Module):
-    backbone: Carry
+    backbone: PyTree
     z: Array
     step: Int[Array, ""]
 
@@ -29,10 +31,49 @@ class HWM(AbstractSequenceModel):
     at a time. That feedback makes gradients flow through the chain of predicted
     states, which can grow exponentially with the horizon (Thm. 1).
 
-    Built like every `AbstractSequenceModel` (see its arguments).
+    Args:
+        state_dim: size of a state.
+        action_dim: size of an action.
+        horizon: the longest action sequence the model accepts.
+        backbone: a causal backbone whose `in_size` is the embedding width, e.g.
+            `worldmodels.Transformer(horizon, key=...)` or
+            `worldmodels.LSTM(72, key=...)`.
+        key: PRNG key for the embedding and the head.
+        normaliser: the state normalisation; `worldmodels.fit` fits it from data.
     """
 
-    __init__ = AbstractSequenceModel.__init__
+    embedding: eqx.nn.Linear
+    backbone: AbstractBackbone
+    head: eqx.nn.Linear
+    normaliser: Normaliser
+    state_dim: int = eqx.field(static=True)
+    action_dim: int = eqx.field(static=True)
+    horizon: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        state_dim: int,
+        action_dim: int,
+        horizon: int,
+        backbone: AbstractBackbone,
+        *,
+        key: PRNGKeyArray,
+        normaliser: Normaliser | None = None,
+    ):
+        self.embedding, self.head = sequence_layers(
+            state_dim, action_dim, backbone, key
+        )
+        self.backbone = backbone
+        self.normaliser = normaliser or Normaliser.identity(state_dim)
+        self.state_dim = state_dim
+        self.action_dim = action_dim
+        self.horizon = horizon
+
+    def predict(
+        self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
+    ) -> Float[Array, "horizon state"]:
+        """The step-by-step rollout, each prediction fed back as the next input."""
+        return rollout(self, s1, self._check_actions(actions))
 
     def teacher_forced(
         self,

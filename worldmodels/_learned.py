@@ -9,14 +9,13 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from diffenvs._errors import branched_error_if, error_if
+from diffenvs import branched_error_if, error_if
 
-from ._backbones._backbone import AbstractBackbone, Carry
+from ._backbones._backbone import AbstractBackbone
 from ._model import AbstractWorldModel
 from ._normaliser import Normaliser
-from ._rollout import rollout
 
 
 class AbstractLearnedModel(AbstractWorldModel):
@@ -28,6 +27,9 @@ class AbstractLearnedModel(AbstractWorldModel):
     finite horizon, so the dynamics of a model may depend on time). A shorter
     sequence than `horizon` is allowed: by causality its predictions are the
     first rows of the full-length ones.
+
+    A subclass implements `predict`, `init` and `step`, and, when it reads
+    predicted states (`HWM`, `Markov`), `teacher_forced` for training.
     """
 
     state_dim: eqx.AbstractVar[int]
@@ -36,33 +38,15 @@ class AbstractLearnedModel(AbstractWorldModel):
     normaliser: eqx.AbstractVar[Normaliser]
 
     @abc.abstractmethod
-    def init(self, s1: Float[Array, " state"], horizon: int) -> Carry:
+    def init(self, s1: Float[Array, " state"], horizon: int) -> PyTree:
         """The carry before the first step of a sequence of at most `horizon`
         steps from `s1`."""
 
     @abc.abstractmethod
     def step(
-        self, carry: Carry, action: Float[Array, " action"]
-    ) -> tuple[Carry, Float[Array, " state"]]:
+        self, carry: PyTree, action: Float[Array, " action"]
+    ) -> tuple[PyTree, Float[Array, " state"]]:
         """One step: the new carry and the predicted state after `action`."""
-
-    def predict(
-        self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
-    ) -> Float[Array, "horizon state"]:
-        """The model's own step-by-step rollout, each prediction fed back as the
-        next input (a model with a parallel form overrides this)."""
-        return rollout(self, s1, self._check_actions(actions))
-
-    def teacher_forced(
-        self,
-        s1: Float[Array, " state"],
-        actions: Float[Array, "horizon action"],
-        states: Float[Array, "horizon state"],
-    ) -> Float[Array, "horizon state"]:
-        """The predictions when every state the model reads is the true one. A
-        model that reads no predicted state (an AWM) predicts the same either way."""
-        del states
-        return self.predict(s1, actions)
 
     def _previous_states(
         self, s1: Array, actions: Array, states: Array
@@ -97,7 +81,7 @@ class AbstractLearnedModel(AbstractWorldModel):
                 f"{type(self).__name__}, got shape {s1.shape}; was the model built "
                 f"for another task?"
             )
-        # The check runs in derivatives too (`diffenvs._errors`).
+        # The check runs in derivatives too (`diffenvs.error_if`).
         return error_if(
             s1, ~jnp.all(jnp.isfinite(s1)), "worldmodels: s1 is not finite."
         )
@@ -112,7 +96,7 @@ class AbstractLearnedModel(AbstractWorldModel):
         if step is None:
             return jnp.clip(action, -1.0, 1.0)
         # A step past the horizon would read time features and cache rows that
-        # do not exist; the checks run in derivatives too (`diffenvs._errors`).
+        # do not exist; the checks run in derivatives too (`diffenvs.error_if`).
         nan = jnp.any(jnp.isnan(action))
         action = branched_error_if(
             action,
@@ -140,7 +124,7 @@ class AbstractLearnedModel(AbstractWorldModel):
                 f"actions must hold at least one step, got shape {actions.shape}."
             )
         self._check_horizon(actions.shape[0])
-        # The check runs in derivatives too (`diffenvs._errors`). Actions are
+        # The check runs in derivatives too (`diffenvs.error_if`). Actions are
         # clipped to [-1, 1] as every task clips them.
         actions = error_if(
             actions, jnp.any(jnp.isnan(actions)), "worldmodels: actions contain NaN."
@@ -171,43 +155,21 @@ class AbstractLearnedModel(AbstractWorldModel):
 
 class AbstractSequenceModel(AbstractLearnedModel):
     """A linear embedding of each input row `[state or s1, action, time]`, a causal
-    backbone over the rows, and a linear head that reads the normalised state.
+    backbone over the rows, and a linear head that reads the normalised state
+    (`AWM`, `HWM`; built by `sequence_layers`)."""
 
-    Args:
-        state_dim: size of a state.
-        action_dim: size of an action.
-        horizon: the longest action sequence the model accepts.
-        backbone: a causal backbone whose `in_size` is the embedding width, e.g.
-            `worldmodels.Transformer(horizon, key=...)` or
-            `worldmodels.LSTM(72, key=...)`.
-        key: PRNG key for the embedding and the head.
-        normaliser: the state normalisation; `worldmodels.fit` fits it from data.
-    """
+    embedding: eqx.AbstractVar[eqx.nn.Linear]
+    backbone: eqx.AbstractVar[AbstractBackbone]
+    head: eqx.AbstractVar[eqx.nn.Linear]
 
-    embedding: eqx.nn.Linear
-    backbone: AbstractBackbone
-    head: eqx.nn.Linear
-    normaliser: Normaliser
-    state_dim: int = eqx.field(static=True)
-    action_dim: int = eqx.field(static=True)
-    horizon: int = eqx.field(static=True)
 
-    def __init__(
-        self,
-        state_dim: int,
-        action_dim: int,
-        horizon: int,
-        backbone: AbstractBackbone,
-        *,
-        key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-    ):
-        embedding_key, head_key = jr.split(key)
-        in_size = state_dim + action_dim + 1
-        self.embedding = eqx.nn.Linear(in_size, backbone.in_size, key=embedding_key)
-        self.backbone = backbone
-        self.head = eqx.nn.Linear(backbone.out_size, state_dim, key=head_key)
-        self.normaliser = normaliser or Normaliser.identity(state_dim)
-        self.state_dim = state_dim
-        self.action_dim = action_dim
-        self.horizon = horizon
+def sequence_layers(
+    state_dim: int, action_dim: int, backbone: AbstractBackbone, key: PRNGKeyArray
+) -> tuple[eqx.nn.Linear, eqx.nn.Linear]:
+    """The embedding of the input rows into `backbone` and the head that reads the
+    state from its output rows."""
+    embedding_key, head_key = jr.split(key)
+    in_size = state_dim + action_dim + 1
+    embedding = eqx.nn.Linear(in_size, backbone.in_size, key=embedding_key)
+    head = eqx.nn.Linear(backbone.out_size, state_dim, key=head_key)
+    return embedding, head

@@ -10,6 +10,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from ._backbones._backbone import check_positive
 from ._learned import AbstractLearnedModel
 from ._normaliser import Normaliser
+from ._rollout import rollout
 
 
 class _MarkovCarry(eqx.Module):
@@ -68,6 +69,12 @@ class Markov(AbstractLearnedModel):
     def _next(self, z: Array, action: Array, step: Array) -> Array:
         time = self._time_at(step, z.dtype)
         return z + self.mlp(jnp.concatenate([z, action, time]))
+
+    def predict(
+        self, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
+    ) -> Float[Array, "horizon state"]:
+        """The step-by-step rollout, each prediction fed back as the next input."""
+        return rollout(self, s1, self._check_actions(actions))
 
     def teacher_forced(
         self,

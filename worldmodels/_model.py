@@ -8,13 +8,11 @@ from typing import Any, Protocol, runtime_checkable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PyTree
 
 import diffenvs
 
 from ._rollout import rollout
-
-Carry = Any
 
 
 class AbstractWorldModel(eqx.Module):
@@ -29,7 +27,8 @@ class AbstractWorldModel(eqx.Module):
     `step(carry, action) -> (carry, next_state)`; `worldmodels.incremental` gives
     any model a correct default when it does not. A model trained on one-step
     targets provides `teacher_forced(s1, actions, states)`, its predictions when
-    every input state is the true one; `worldmodels.loss` uses it when present.
+    every input state is the true one (the `TeacherForced` protocol);
+    `worldmodels.loss` uses it when present.
     """
 
     def __hash__(self) -> int:
@@ -49,11 +48,24 @@ class AbstractWorldModel(eqx.Module):
 class Incremental(Protocol):
     """What `worldmodels.incremental` returns: a model that can be stepped."""
 
-    def init(self, s1: Float[Array, " state"], horizon: int) -> Carry: ...
+    def init(self, s1: Float[Array, " state"], horizon: int) -> PyTree: ...
 
     def step(
-        self, carry: Carry, action: Float[Array, " action"]
-    ) -> tuple[Carry, Float[Array, " state"]]: ...
+        self, carry: PyTree, action: Float[Array, " action"]
+    ) -> tuple[PyTree, Float[Array, " state"]]: ...
+
+
+@runtime_checkable
+class TeacherForced(Protocol):
+    """A model with one-step predictions for training: `teacher_forced(s1, actions,
+    states)` predicts row t from the true states before it (`HWM`, `Markov`)."""
+
+    def teacher_forced(
+        self,
+        s1: Float[Array, " state"],
+        actions: Float[Array, "horizon action"],
+        states: Float[Array, "horizon state"],
+    ) -> Float[Array, "horizon state"]: ...
 
 
 class _Buffer(eqx.Module):
@@ -107,10 +119,10 @@ class Simulator(AbstractWorldModel):
     def predict(self, s1, actions):
         return self.env.predict(s1, actions)
 
-    def init(self, s1: Float[Array, " state"], horizon: int) -> Carry:
+    def init(self, s1: Float[Array, " state"], horizon: int) -> PyTree:
         return diffenvs.Dynamics(self.env).init(s1, horizon)
 
-    def step(self, carry: Carry, action):
+    def step(self, carry: PyTree, action):
         return diffenvs.Dynamics(self.env).step(carry, action)
 
 

@@ -10,12 +10,11 @@ import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
 import diffenvs
-from diffenvs._errors import check_key
-from diffenvs._registry import add_entry, lookup
 
 from ._awm import AWM
 from ._backbones._recurrent import LSTM, RNN
 from ._backbones._transformer import Transformer
+from ._checks import check_key
 from ._hwm import HWM
 from ._markov import Markov
 from ._model import AbstractWorldModel
@@ -73,7 +72,16 @@ def register(name: str, factory: ModelFactory, *, overwrite: bool = False) -> No
             **sizes)`; returns a world model.
         overwrite: replace an existing configuration of the same name.
     """
-    add_entry(_REGISTRY, "model", name, factory, overwrite)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}.")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got {factory!r}.")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"a model named {name!r} is already registered; pass overwrite=True to "
+            f"replace it."
+        )
+    _REGISTRY[name] = factory
 
 
 def names() -> tuple[str, ...]:
@@ -135,4 +143,8 @@ def make(
 
 
 def _lookup(name: str) -> ModelFactory:
-    return lookup(_REGISTRY, "model", name)
+    if isinstance(name, str) and name in _REGISTRY:
+        return _REGISTRY[name]
+    raise ValueError(
+        f"unknown model name={name!r}; valid names are: {', '.join(_REGISTRY)}."
+    )

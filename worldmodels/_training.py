@@ -15,8 +15,9 @@ from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 from tqdm.auto import tqdm
 
 import diffenvs
-from diffenvs._errors import as_array_or_same, check_key
 
+from ._checks import array_if_possible, check_key
+from ._model import TeacherForced
 from ._normaliser import Normaliser
 
 
@@ -30,12 +31,12 @@ class Episodes(eqx.Module):
         states: shape `(episodes, horizon, state_dim)`.
     """
 
-    s1: Float[Array, "episodes state"] = eqx.field(converter=as_array_or_same)
+    s1: Float[Array, "episodes state"] = eqx.field(converter=array_if_possible)
     actions: Float[Array, "episodes horizon action"] = eqx.field(
-        converter=as_array_or_same
+        converter=array_if_possible
     )
     states: Float[Array, "episodes horizon state"] = eqx.field(
-        converter=as_array_or_same
+        converter=array_if_possible
     )
 
     def __check_init__(self):
@@ -155,9 +156,8 @@ def loss(
             f"{(actions.shape[0], s1.shape[0])} to match s1 and actions, got shape "
             f"{states.shape}."
         )
-    teacher_forced = getattr(model, "teacher_forced", None)
-    if teacher_forced is not None:
-        predicted = teacher_forced(s1, actions, states)
+    if isinstance(model, TeacherForced):
+        predicted = model.teacher_forced(s1, actions, states)
     else:
         predicted = model.predict(s1, actions)
     error = predicted - states

@@ -281,12 +281,11 @@ def test_teacher_forced_on_own_predictions_equals_predict(model, env, key):
     """Fed its own predictions as the true history, a model that reads states
     (HWM, Markov) predicts them again: the parallel teacher-forced form and the
     step-by-step `predict` are the same function."""
-    teacher_forced = getattr(model, "teacher_forced", None)
-    if teacher_forced is None:
+    if not isinstance(model, worldmodels.TeacherForced):
         pytest.skip("the model has no teacher-forced form")
     s1, actions = env.initial_state(), random_actions(key, env)
     states = jit_predict(model, s1, actions)
-    forced = eqx.filter_jit(teacher_forced)(s1, actions, states)
+    forced = eqx.filter_jit(model.teacher_forced)(s1, actions, states)
     assert_close(forced, states, rtol=FLOAT32_RTOL)
 
 

@@ -126,13 +126,21 @@ def test_loss_is_teacher_forced_for_state_reading_models():
     env = diffenvs.make("hiv", horizon=10)
     data = uniform_episodes(env, jr.key(0), 1)
     s1, actions, states = data.s1[0], data.actions[0], data.states[0]
-    for name in ("hwm-lstm", "markov", "awm-rnn"):
+    for name in ("hwm-lstm", "markov"):
         model = worldmodels.make(name, env, key=jr.key(1))
         forced = model.teacher_forced(s1, actions, states)
         expected = jnp.mean(jnp.square(forced - states))
         np.testing.assert_allclose(
             worldmodels.loss(model, s1, actions, states), expected, rtol=1e-6
         )
+    # A model that reads no predicted state is scored on `predict`.
+    awm = worldmodels.make("awm-rnn", env, key=jr.key(1))
+    assert not isinstance(awm, worldmodels.TeacherForced)
+    np.testing.assert_allclose(
+        worldmodels.loss(awm, s1, actions, states),
+        jnp.mean(jnp.square(awm.predict(s1, actions) - states)),
+        rtol=1e-6,
+    )
     hwm = worldmodels.make("hwm-lstm", env, key=jr.key(1))
     # Teacher forcing reads the true states, so the loss differs from the error of
     # the model's own rollout.

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import abc
-from typing import Any
 
 import equinox as eqx
 import jax
-from jaxtyping import Array, Float
-
-Carry = Any
+from jaxtyping import Array, Float, PyTree
 
 
 class AbstractBackbone(eqx.Module):
@@ -31,14 +28,14 @@ class AbstractBackbone(eqx.Module):
         """The outputs for a whole sequence, shape `(time, out_size)`."""
 
     @abc.abstractmethod
-    def init(self, horizon: int) -> Carry:
+    def init(self, horizon: int) -> PyTree:
         """The carry before the first step of a sequence of at most `horizon`
         steps."""
 
     @abc.abstractmethod
     def step(
-        self, carry: Carry, x: Float[Array, " in_size"]
-    ) -> tuple[Carry, Float[Array, " out_size"]]:
+        self, carry: PyTree, x: Float[Array, " in_size"]
+    ) -> tuple[PyTree, Float[Array, " out_size"]]:
         """Consume one input row; return the new carry and the output row."""
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import abc
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -30,44 +28,10 @@ class _TanhCell(eqx.Module):
         return jnp.tanh(self.input(x) + self.hidden(h))
 
 
-class _Stacked(AbstractBackbone):
-    """Layers of recurrent cells; layer l reads the hidden state of layer l-1.
+class _AbstractStacked(AbstractBackbone):
+    """Layers of recurrent cells; layer l reads the hidden state of layer l-1."""
 
-    Args:
-        in_size: width of the input rows.
-        hidden_size: width of every layer's hidden state.
-        depth: number of layers.
-        key: PRNG key for the initial weights.
-    """
-
-    cells: tuple[eqx.nn.LSTMCell | _TanhCell, ...]
-    in_size: int = eqx.field(static=True)
-    out_size: int = eqx.field(static=True)
-
-    def __init__(
-        self,
-        in_size: int,
-        hidden_size: int = 64,
-        depth: int = 2,
-        *,
-        key: PRNGKeyArray,
-    ):
-        check_positive(in_size=in_size, hidden_size=hidden_size, depth=depth)
-        keys = jr.split(key, depth)
-        sizes = [in_size] + [hidden_size] * (depth - 1)
-        self.cells = tuple(
-            self._cell(size, hidden_size, key=k)
-            for size, k in zip(sizes, keys, strict=True)
-        )
-        self.in_size = in_size
-        self.out_size = hidden_size
-
-    @staticmethod
-    @abc.abstractmethod
-    def _cell(
-        in_size: int, hidden_size: int, *, key: PRNGKeyArray
-    ) -> eqx.nn.LSTMCell | _TanhCell:
-        """One layer's cell."""
+    cells: eqx.AbstractVar[tuple[eqx.Module, ...]]
 
     def __call__(
         self, inputs: Float[Array, "time in_size"]
@@ -87,15 +51,37 @@ class _Stacked(AbstractBackbone):
         return tuple(new_carry), x
 
 
-class LSTM(_Stacked):
-    """A stack of LSTM layers (the papers' default: 2 layers of 64), built from
-    `in_size`, `hidden_size`, `depth` and `key`."""
+def _stack(cell, in_size: int, hidden_size: int, depth: int, key: PRNGKeyArray):
+    """`depth` cells built by `cell(in_size, hidden_size, key=...)`, the first
+    reading the input rows and the others the hidden state below."""
+    check_positive(in_size=in_size, hidden_size=hidden_size, depth=depth)
+    sizes = [in_size] + [hidden_size] * (depth - 1)
+    keys = jr.split(key, depth)
+    return tuple(
+        cell(size, hidden_size, key=k) for size, k in zip(sizes, keys, strict=True)
+    )
 
-    __init__ = _Stacked.__init__
 
-    @staticmethod
-    def _cell(in_size: int, hidden_size: int, *, key: PRNGKeyArray):
-        return eqx.nn.LSTMCell(in_size, hidden_size, key=key)
+class LSTM(_AbstractStacked):
+    """A stack of LSTM layers (the papers' default: 2 layers of 64).
+
+    Args:
+        in_size: width of the input rows.
+        hidden_size: width of every layer's hidden state.
+        depth: number of layers.
+        key: PRNG key for the initial weights.
+    """
+
+    cells: tuple[eqx.nn.LSTMCell, ...]
+    in_size: int = eqx.field(static=True)
+    out_size: int = eqx.field(static=True)
+
+    def __init__(
+        self, in_size: int, hidden_size: int = 64, depth: int = 2, *, key: PRNGKeyArray
+    ):
+        self.cells = _stack(eqx.nn.LSTMCell, in_size, hidden_size, depth, key)
+        self.in_size = in_size
+        self.out_size = hidden_size
 
     def init(self, horizon: int):
         del horizon
@@ -103,15 +89,26 @@ class LSTM(_Stacked):
         return tuple((zeros, zeros) for _ in self.cells)
 
 
-class RNN(_Stacked):
-    """A stack of vanilla tanh RNN layers (the papers' default: 2 layers of 64),
-    built from `in_size`, `hidden_size`, `depth` and `key`."""
+class RNN(_AbstractStacked):
+    """A stack of vanilla tanh RNN layers (the papers' default: 2 layers of 64).
 
-    __init__ = _Stacked.__init__
+    Args:
+        in_size: width of the input rows.
+        hidden_size: width of every layer's hidden state.
+        depth: number of layers.
+        key: PRNG key for the initial weights.
+    """
 
-    @staticmethod
-    def _cell(in_size: int, hidden_size: int, *, key: PRNGKeyArray):
-        return _TanhCell(in_size, hidden_size, key=key)
+    cells: tuple[_TanhCell, ...]
+    in_size: int = eqx.field(static=True)
+    out_size: int = eqx.field(static=True)
+
+    def __init__(
+        self, in_size: int, hidden_size: int = 64, depth: int = 2, *, key: PRNGKeyArray
+    ):
+        self.cells = _stack(_TanhCell, in_size, hidden_size, depth, key)
+        self.in_size = in_size
+        self.out_size = hidden_size
 
     def init(self, horizon: int):
         del horizon
