@@ -1,11 +1,14 @@
-"""A tour of one task: `python -m diffenvs [--task NAME] [--horizon H]`.
+"""A tour of one task: `python -m diffenvs [--task NAME] [--horizon H]`; and
+`python -m diffenvs references [--tasks ...] [--horizons ...]`, which regenerates
+the shipped reference table (`diffenvs/_data/references.json`).
 
-Builds the task, looks up (or computes) its reference returns, scores a constant
-action sequence, differentiates the return through the simulator, and improves the
-sequence by projected gradient ascent.
+The tour builds the task, looks up (or computes) its reference returns, scores a
+constant action sequence, differentiates the return through the simulator, and
+improves the sequence by projected gradient ascent.
 """
 
 import argparse
+import sys
 from typing import cast
 
 import equinox as eqx
@@ -16,13 +19,33 @@ from jaxtyping import Array
 
 import diffenvs
 
+from ._references import TABLE_HORIZONS, write_table
+
 
 @eqx.filter_jit
 def _value_and_grad(env, actions):
     return jax.value_and_grad(env.episode_return)(actions)
 
 
+def references(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffenvs references",
+        description=(
+            "Recompute reference returns (random and optimal) and write them into "
+            "the table shipped with diffenvs; entries not recomputed are kept."
+        ),
+    )
+    parser.add_argument("--tasks", nargs="+", default=list(diffenvs.CONTROL_TASKS))
+    parser.add_argument("--horizons", nargs="+", type=int, default=TABLE_HORIZONS)
+    args = parser.parse_args(argv)
+    write_table(args.tasks, args.horizons, report=lambda line: print(line, flush=True))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["references"]:
+        references(argv[1:])
+        return
     parser = argparse.ArgumentParser(description="A tour of one diffenvs task.")
     parser.add_argument("--task", default="timber", choices=diffenvs.names())
     parser.add_argument("--horizon", type=int, default=100)

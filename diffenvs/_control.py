@@ -31,6 +31,24 @@ class AbstractControlTask(AbstractEnv):
     # Per-dimension state bounds; None where a task has no bound at all.
     x_lo: ClassVar[tuple[float, ...] | None] = None
     x_hi: ClassVar[tuple[float, ...] | None] = None
+    # x_{k+1} = clip(x_k + increment): a NaN in x_k stays NaN (the sum and the clip
+    # propagate it), and an infinite x_k stays infinite or turns NaN where it is
+    # unbounded, so a non-finite state anywhere shows in the final state. (Where a
+    # bound clips an overflow back to a finite value, no step's result was
+    # non-finite in the first place.) It holds for this class's own step, which
+    # `__init_subclass__` keeps.
+    _nonfinite_persists: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = sorted(set(_STEP_METHODS) & set(vars(cls)))
+        if own:
+            raise TypeError(
+                f"{cls.__name__} defines {', '.join(own)}: a control task gives its "
+                f"dynamics as vector_field, running_cost and terminal_cost, and the "
+                f"step is AbstractControlTask's. For a step of your own, subclass "
+                f"diffenvs.AbstractEnv and define transition_and_reward."
+            )
 
     @abc.abstractmethod
     def vector_field(
@@ -44,10 +62,9 @@ class AbstractControlTask(AbstractEnv):
     ) -> Scalar:
         """The running cost g(x, u, t); the reward is -g dt."""
 
+    @abc.abstractmethod
     def terminal_cost(self, x: Float[Array, " state"]) -> Scalar:
-        """The terminal cost g_T(x_H); zero unless a task says otherwise."""
-        del x
-        return jnp.zeros(())
+        """The terminal cost g_T(x_H) (zero for a task without one)."""
 
     @property
     def dt(self) -> float:
@@ -62,22 +79,11 @@ class AbstractControlTask(AbstractEnv):
         hi = jnp.asarray(self.u_hi, action.dtype)
         return lo + (action + 1.0) * 0.5 * (hi - lo)
 
-    def transition(
-        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
-    ) -> Float[Array, " state"]:
-        return self._advance(step, state, self._control_of(action))
-
-    def running_reward(
-        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
-    ) -> Scalar:
-        return self._reward(step, state, self._control_of(action))
-
     def transition_and_reward(
         self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
     ) -> tuple[Float[Array, " state"], Scalar]:
-        # One control for both. Computed twice, XLA on CPU does not merge the two
-        # and the gradient through the time loop gets about ten times slower
-        # (invasive_plant, H = 500, batch 1).
+        # One control for both: computed twice, XLA on CPU does not merge the two,
+        # and the gradient through the time loop is much slower.
         u = self._control_of(action)
         return self._advance(step, state, u), self._reward(step, state, u)
 
@@ -102,23 +108,25 @@ class AbstractControlTask(AbstractEnv):
             next_state = jnp.minimum(next_state, jnp.asarray(self.x_hi, state.dtype))
         return next_state
 
-    def _nonfinite_persists(self) -> bool:
-        # x_{k+1} = clip(x_k + increment): a NaN in x_k stays NaN (the sum and the
-        # clip propagate it), and an infinite x_k stays infinite or turns NaN where it
-        # is unbounded, so a non-finite state anywhere shows in the final state.
-        # (Where a bound clips an overflow back to a finite value, no step's result
-        # was non-finite in the first place.) Only for this class's own step.
-        cls = type(self)
-        return (
-            cls.transition_and_reward is AbstractControlTask.transition_and_reward
-            and cls._advance is AbstractControlTask._advance
-        )
-
     def _reward(self, step: Int[Array, ""], state: Array, u: Array) -> Scalar:
         return -self.running_cost(step * self.dt, state, u) * self.dt
 
     def terminal_reward(self, final_state: Float[Array, " state"]) -> Scalar:
         return -self.terminal_cost(final_state)
+
+    def reference_actions(self) -> None:
+        return None
+
+
+# The methods that make up a control task's step.
+_STEP_METHODS = (
+    "transition",
+    "running_reward",
+    "transition_and_reward",
+    "_advance",
+    "_reward",
+    "_control_of",
+)
 
 
 def _boxed(vector_field, x_lo, x_hi):

@@ -137,6 +137,11 @@ class AbstractEnv(eqx.Module):
     name: ClassVar[str]
     state_dim: ClassVar[int]
     action_dim: ClassVar[int]
+    # True where a state that became NaN or infinite stays non-finite to the end of
+    # the episode, so that checking the final state is enough and the time loop
+    # carries no flag. False, checking every step, unless a family of tasks knows
+    # better (`AbstractControlTask`).
+    _nonfinite_persists: ClassVar[bool] = False
 
     def __check_init__(self):
         _check_horizon(self.horizon)
@@ -160,36 +165,38 @@ class AbstractEnv(eqx.Module):
         """The fixed initial state s1 = x_0, shape `(state_dim,)`."""
 
     @abc.abstractmethod
-    def transition(
-        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
-    ) -> Float[Array, " state"]:
-        """The state x_{k+1} after taking `action` (in `[-1, 1]`) in x_k at step k."""
-
-    @abc.abstractmethod
-    def running_reward(
-        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
-    ) -> Scalar:
-        """The reward of step k, except the terminal part (see `terminal_reward`)."""
-
-    def terminal_reward(self, final_state: Float[Array, " state"]) -> Scalar:
-        """The extra reward of the last step, a function of the final state x_H."""
-        del final_state
-        return jnp.zeros(())
-
-    def reference_actions(self) -> Float[Array, "horizon action"] | None:
-        """A known good open-loop action sequence, used as one start of the
-        trajectory optimiser behind `references()`; `None` if there is none."""
-        return None
-
     def transition_and_reward(
         self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
     ) -> tuple[Float[Array, " state"], Scalar]:
-        """`transition` and `running_reward` of one step together. A task overrides
-        it to share work between the two (the control computed from the action)."""
-        return (
-            self.transition(step, state, action),
-            self.running_reward(step, state, action),
-        )
+        """One step k from x_k under `action` (in `[-1, 1]`): the next state x_{k+1}
+        and the reward of the step except its terminal part (`terminal_reward`).
+        Both in one method, so that a task shares the work between them (the
+        control computed from the action)."""
+
+    @abc.abstractmethod
+    def terminal_reward(self, final_state: Float[Array, " state"]) -> Scalar:
+        """The extra reward of the last step, a function of the final state x_H
+        (zero for a task without one)."""
+
+    @abc.abstractmethod
+    def reference_actions(self) -> Float[Array, "horizon action"] | None:
+        """A known good open-loop action sequence, used as one start of the
+        trajectory optimiser behind `references()`; `None` if there is none."""
+
+    def transition(
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
+    ) -> Float[Array, " state"]:
+        """The state x_{k+1} after taking `action` (in `[-1, 1]`) in x_k at step k:
+        the first output of `transition_and_reward` (under `jax.jit` the reward is
+        not computed)."""
+        return self.transition_and_reward(step, state, action)[0]
+
+    def running_reward(
+        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
+    ) -> Scalar:
+        """The reward of step k, except the terminal part: the second output of
+        `transition_and_reward`."""
+        return self.transition_and_reward(step, state, action)[1]
 
     # ---- the Diffrax step --------------------------------------------------------
 
@@ -250,14 +257,14 @@ class AbstractEnv(eqx.Module):
             state, finite = carry
             step, action = inputs
             next_state, reward = self.transition_and_reward(step, state, action)
-            if not self._nonfinite_persists():
+            if not self._nonfinite_persists:
                 finite = finite & _all_finite(next_state)
             return (next_state, finite), (next_state, reward)
 
         steps = jnp.arange(self.horizon)
         init = (s1, jnp.array(True))
         (last, finite), (states, rewards) = jax.lax.scan(body, init, (steps, actions))
-        if self._nonfinite_persists():
+        if self._nonfinite_persists:
             finite = _all_finite(last)
         nan_action = jnp.any(jnp.isnan(actions))
         bad_s1 = ~_all_finite(s1)
@@ -399,13 +406,6 @@ class AbstractEnv(eqx.Module):
         )
 
     # ---- checks ------------------------------------------------------------------
-
-    def _nonfinite_persists(self) -> bool:
-        """True if a state that became NaN or infinite stays non-finite to the end of
-        the episode, so that checking the final state is enough and the time loop
-        carries no flag (a kernel less per step). False, checking every step, unless
-        a task knows better."""
-        return False
 
     def _check_action(self, action: Array, finished: Array) -> Array:
         action = jnp.asarray(action)

@@ -1,9 +1,9 @@
 """Reference returns: a Monte-Carlo random baseline and trajectory optimisation.
 
-`references(env)` looks the pair up in the table shipped with the package (computed
-by `scripts/compute_references.py` for the eight control tasks at the standard
-horizons and their default configuration), else in the on-disk cache, else computes
-it and writes it to the cache.
+`references(env)` looks the pair up in the table shipped with the package (written
+by `write_table`, i.e. `python -m diffenvs references`, for the eight control tasks
+at the standard horizons in their default configuration), else in the on-disk cache,
+else computes it and writes it to the cache.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 import equinox as eqx
@@ -238,6 +240,49 @@ def compute_references(env: AbstractEnv, *, progress: bool = False) -> dict:
         "optimiser_starts": OPTIMISER_STARTS,
         "optimiser_steps": OPTIMISER_STEPS,
     }
+
+
+def write_table(tasks: Sequence[str], horizons: Sequence[int], *, report=print) -> None:
+    """Compute the entries of `tasks` at `horizons` (default configurations, in
+    float64) and write them into the shipped table, keeping its other entries. The
+    table is written after every entry, so an interrupted run keeps its work."""
+    from ._registry import make
+
+    table = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}
+    entries = table.get("entries", {})
+    for name in tasks:
+        for horizon in horizons:
+            start = time.perf_counter()
+            with jax.enable_x64(True):
+                env = make(name, horizon=horizon)
+            entry = compute_references(env, progress=True)
+            entries.setdefault(name, {})[str(horizon)] = entry
+            report(
+                f"{name:>15} H={horizon:<5} random={entry['random']:<14.8g} "
+                f"optimal={entry['optimal']:<14.8g} "
+                f"({time.perf_counter() - start:.1f}s)"
+            )
+            table = {
+                "description": (
+                    "Reference returns of the diffenvs control tasks in their default "
+                    "configuration: 'random' is the mean return of i.i.d. uniform "
+                    "actions, 'optimal' the best return of multi-start trajectory "
+                    "optimisation through the simulator. Produced by "
+                    "python -m diffenvs references."
+                ),
+                "settings": {
+                    "random_episodes": RANDOM_EPISODES,
+                    "optimiser_starts": OPTIMISER_STARTS,
+                    "optimiser_steps": OPTIMISER_STEPS,
+                    "jax_version": jax.__version__,
+                },
+                "entries": {
+                    task: dict(sorted(rows.items(), key=lambda item: int(item[0])))
+                    for task, rows in entries.items()
+                },
+            }
+            TABLE_PATH.parent.mkdir(parents=True, exist_ok=True)
+            TABLE_PATH.write_text(json.dumps(table, indent=1) + "\n")
 
 
 def references(env: AbstractEnv) -> References:

@@ -1,5 +1,6 @@
 from typing import ClassVar
 
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
 from .._control import AbstractControlTask, param
@@ -32,3 +33,7 @@ class Bioreactor(AbstractControlTask):
 
     def running_cost(self, t, x, u) -> Scalar:
         return -(self.weight * x[0] - u[0])
+
+    def terminal_cost(self, x) -> Scalar:
+        del x
+        return jnp.zeros(())

@@ -35,20 +35,14 @@ class CreditAssignment(AbstractEnv):
     def initial_state(self) -> Float[Array, " state"]:
         return jnp.zeros(2)
 
-    def transition(
+    def transition_and_reward(
         self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
-    ) -> Float[Array, " state"]:
+    ) -> tuple[Float[Array, " state"], Scalar]:
         action = jnp.clip(action, -1.0, 1.0)
         copied = state.at[1].set(action[0])
-        return jnp.where(step == 0, copied, state)
-
-    def running_reward(
-        self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
-    ) -> Scalar:
-        action = jnp.clip(action, -1.0, 1.0)
         penalised = (step > 0) & (step < self.horizon - 1)
         penalty = (state[0] - action[0]) ** 2 / self.horizon
-        return jnp.where(penalised, -penalty, 0.0)
+        return jnp.where(step == 0, copied, state), jnp.where(penalised, -penalty, 0.0)
 
     def terminal_reward(self, final_state: Float[Array, " state"]) -> Scalar:
         return -self.final_weight * (final_state[1] - self.target) ** 2 + self.bonus

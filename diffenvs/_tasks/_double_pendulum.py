@@ -85,17 +85,14 @@ class DoublePendulum(AbstractEnv):
         )
         return kinetic + potential
 
-    def transition(
+    def transition_and_reward(
         self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
-    ) -> Float[Array, " state"]:
+    ) -> tuple[Float[Array, " state"], Scalar]:
         action = jnp.clip(action, -1.0, 1.0)
         placed = jnp.zeros_like(state).at[0].set(jnp.pi * action[0])
         moved = self.ode_step(self.vector_field, step * self.dt, state, action)
-        return jnp.where(step == 0, placed, moved)
-
-    def running_reward(self, step, state, action) -> Scalar:
-        del step, state, action
-        return jnp.zeros(())
+        # No running reward: the return is the terminal reward alone.
+        return jnp.where(step == 0, placed, moved), jnp.zeros(())
 
     def terminal_reward(self, final_state: Float[Array, " state"]) -> Scalar:
         difference = self.positions(final_state) - self.positions(self.goal())

@@ -52,3 +52,7 @@ class HIV(AbstractControlTask):
 
     def running_cost(self, t, x, u) -> Scalar:
         return -(self.a * x[0] - (1.0 - u[0]) ** 2)
+
+    def terminal_cost(self, x) -> Scalar:
+        del x
+        return jnp.zeros(())

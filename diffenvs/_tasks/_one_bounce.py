@@ -38,9 +38,9 @@ class OneBounce(AbstractEnv):
         del t, args
         return jnp.stack([state[1], jnp.zeros_like(state[1])])
 
-    def transition(
+    def transition_and_reward(
         self, step: Int[Array, ""], state: Float[Array, " state"], action: Array
-    ) -> Float[Array, " state"]:
+    ) -> tuple[Float[Array, " state"], Scalar]:
         action = jnp.clip(action, -1.0, 1.0)
         velocity = jnp.where(step == 0, self.push + action[0], state[1])
         state = jnp.stack([state[0], velocity])
@@ -49,11 +49,8 @@ class OneBounce(AbstractEnv):
         bounced = position > self.wall
         position = jnp.where(bounced, 2 * self.wall - position, position)
         velocity = jnp.where(bounced, -velocity, velocity)
-        return jnp.stack([position, velocity])
-
-    def running_reward(self, step, state, action) -> Scalar:
-        del step, state, action
-        return jnp.zeros(())
+        # No running reward: the return is the terminal reward alone.
+        return jnp.stack([position, velocity]), jnp.zeros(())
 
     def terminal_reward(self, final_state: Float[Array, " state"]) -> Scalar:
         return -((final_state[0] - self.goal) ** 2)

@@ -33,3 +33,7 @@ class Timber(AbstractControlTask):
 
     def running_cost(self, t, x, u) -> Scalar:
         return -jnp.exp(-self.discount * t) * x[0] * (1.0 - u[0])
+
+    def terminal_cost(self, x) -> Scalar:
+        del x
+        return jnp.zeros(())

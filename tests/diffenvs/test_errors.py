@@ -2,6 +2,7 @@
 value and what was expected; bad data is caught under `jit` and `vmap` too."""
 
 import dataclasses
+from typing import ClassVar
 
 import diffrax
 import equinox as eqx
@@ -347,7 +348,7 @@ def test_step_past_the_horizon_raises_in_a_gradient_alone(cancer):
 @given(data=st.data())
 def test_a_nonfinite_state_persists_to_the_end(name, solver, data):
     env = diffenvs.make(name, horizon=HORIZON, solver=solver)
-    assert env._nonfinite_persists()
+    assert env._nonfinite_persists
     dim = data.draw(st.integers(0, env.state_dim - 1), label="dimension")
     # A step's result is clipped to the box, so it can only be infinite towards a
     # side without a bound.
@@ -378,25 +379,45 @@ def _continue_after_injection(env, actions, start, dim, value):
     return jax.lax.fori_loop(start, HORIZON, step, state)
 
 
-def test_user_transition_is_checked_at_every_step():
-    """A subclass with its own step may let a NaN vanish: it gets the per-step check."""
+def test_a_task_with_its_own_step_is_checked_at_every_step():
+    """A step of a task's own may let a NaN vanish: it gets the per-step check."""
 
-    class Forgetful(type(diffenvs.make("harvest", horizon=HORIZON))):
-        def transition(self, step, state, action):
-            next_state = super().transition(step, state, action)
-            return jnp.where(jnp.isnan(next_state), 1.0, next_state)
+    class Forgetful(diffenvs.AbstractEnv):
+        name: ClassVar[str] = "test_forgetful"
+        state_dim: ClassVar[int] = 1
+        action_dim: ClassVar[int] = 1
+
+        @property
+        def dt(self) -> float:
+            return 1.0
+
+        def initial_state(self):
+            return jnp.zeros(1)
 
         def transition_and_reward(self, step, state, action):
-            next_state = super().transition(step, state, action)
-            reward = self.running_reward(step, state, action)
             # A NaN at the second step only, forgotten at the third.
-            next_state = jnp.where(step == 1, jnp.nan, next_state)
-            return jnp.where(step == 2, 1.0, next_state), reward
+            next_state = jnp.where(step == 1, jnp.nan, state + action)
+            return jnp.where(step == 2, 1.0, next_state), jnp.sum(state)
+
+        def terminal_reward(self, final_state):
+            return jnp.zeros(())
+
+        def reference_actions(self):
+            return None
 
     env = Forgetful(horizon=HORIZON)
-    assert not env._nonfinite_persists()
+    assert not env._nonfinite_persists
     with pytest.raises(EquinoxRuntimeError, match="diverged"):
         jit_evaluate(env, env.initial_state(), jnp.zeros((HORIZON, 1)))
+
+
+@pytest.mark.parametrize("method", ["transition", "transition_and_reward"])
+def test_a_control_task_cannot_replace_its_step(method):
+    """A control task's step is the family's (its NaN check relies on it); one of
+    its own is refused at class creation, pointing to `AbstractEnv`."""
+    harvest = type(diffenvs.make("harvest", horizon=HORIZON))
+    with pytest.raises(TypeError, match=f"defines {method}.*AbstractEnv"):
+        type("Forgetful", (harvest,), {method: lambda self, *args: args[1]})
 
 
 def test_nan_initial_state_raises(cancer):

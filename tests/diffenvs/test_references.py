@@ -114,7 +114,7 @@ def test_the_table_belongs_to_the_tasks_as_they_are(name):
     for horizon in TABLE_HORIZONS:
         env = diffenvs.make(name, horizon=horizon)
         assert table[name][str(horizon)]["fingerprint"] == fingerprint(env), (
-            f"{name} at H={horizon} changed since scripts/compute_references.py ran"
+            f"{name} at H={horizon} changed since `python -m diffenvs references` ran"
         )
 
 
