@@ -12,7 +12,6 @@ from ._control import AbstractControlTask as AbstractControlTask
 from ._env import (
     AbstractEnv as AbstractEnv,
     EnvState as EnvState,
-    References as References,
     Rollout as Rollout,
 )
 from ._errors import (
@@ -21,6 +20,7 @@ from ._errors import (
 )
 from ._hashing import tree_hash as tree_hash
 from ._references import (
+    References as References,
     optimal_return as optimal_return,
     random_return as random_return,
 )

@@ -38,7 +38,14 @@ def references(argv: list[str]) -> None:
     parser.add_argument("--tasks", nargs="+", default=list(diffenvs.CONTROL_TASKS))
     parser.add_argument("--horizons", nargs="+", type=int, default=TABLE_HORIZONS)
     args = parser.parse_args(argv)
-    write_table(args.tasks, args.horizons, report=lambda line: print(line, flush=True))
+
+    def envs():
+        for name in args.tasks:
+            for horizon in args.horizons:
+                with jax.enable_x64(True):
+                    yield diffenvs.make(name, horizon=horizon)
+
+    write_table(envs(), report=lambda line: print(line, flush=True))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree, Scalar
 from ._closed_loop import Dynamics, closed_loop, observation
 from ._errors import as_array_or_same, branched_error_if, check_key
 from ._hashing import tree_hash
+from ._references import References, references
 
 
 def param(value: float):
@@ -394,8 +395,6 @@ class AbstractEnv(eqx.Module):
         multi-start trajectory optimisation) and cached on disk. Call it outside
         `jit`.
         """
-        from ._references import references
-
         return references(self)
 
     def normalized_score(self, episode_return: ArrayLike) -> Array:
@@ -481,15 +480,3 @@ def _all_finite(state: Array) -> Array:
     # pass over the whole trajectory afterwards cost about 25% of `predict` at batch
     # 1024 (benchmarks/test_envs.py measures the total against a hand-written loop).
     return jnp.all(jnp.isfinite(state))
-
-
-class References(eqx.Module):
-    """Reference returns of a task at one horizon.
-
-    Attributes:
-        random: R_rand(H), the mean return of i.i.d. uniform actions.
-        optimal: R_opt(H), the best return over open-loop action sequences.
-    """
-
-    random: float
-    optimal: float

@@ -15,7 +15,7 @@ import pathlib
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 import equinox as eqx
@@ -28,7 +28,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
-    from ._env import AbstractEnv, References
+    # For annotations only: the tasks use this module, not the other way round.
+    from ._env import AbstractEnv
 
 TABLE_PATH = pathlib.Path(__file__).parent / "_data" / "references.json"
 TABLE_HORIZONS = (10, 20, 50, 100, 200, 500, 1000)
@@ -38,6 +39,19 @@ RANDOM_SEED = 0
 OPTIMISER_STARTS = 16
 OPTIMISER_STEPS = 3000
 OPTIMISER_SEED = 0
+
+
+class References(eqx.Module):
+    """Reference returns of a task at one horizon.
+
+    Attributes:
+        random: R_rand(H), the mean return of i.i.d. uniform actions.
+        optimal: R_opt(H), the best return over open-loop action sequences.
+    """
+
+    random: float
+    optimal: float
+
 
 _memory: dict[str, References] = {}
 
@@ -242,53 +256,46 @@ def compute_references(env: AbstractEnv, *, progress: bool = False) -> dict:
     }
 
 
-def write_table(tasks: Sequence[str], horizons: Sequence[int], *, report=print) -> None:
-    """Compute the entries of `tasks` at `horizons` (default configurations, in
-    float64) and write them into the shipped table, keeping its other entries. The
-    table is written after every entry, so an interrupted run keeps its work."""
-    from ._registry import make
-
+def write_table(envs: Iterable[AbstractEnv], *, report=print) -> None:
+    """Compute the entries of `envs` (tasks in their default configuration, built
+    in float64) and write them into the shipped table, keeping its other entries.
+    The table is written after every entry, so an interrupted run keeps its work."""
     table = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}
     entries = table.get("entries", {})
-    for name in tasks:
-        for horizon in horizons:
-            start = time.perf_counter()
-            with jax.enable_x64(True):
-                env = make(name, horizon=horizon)
-            entry = compute_references(env, progress=True)
-            entries.setdefault(name, {})[str(horizon)] = entry
-            report(
-                f"{name:>15} H={horizon:<5} random={entry['random']:<14.8g} "
-                f"optimal={entry['optimal']:<14.8g} "
-                f"({time.perf_counter() - start:.1f}s)"
-            )
-            table = {
-                "description": (
-                    "Reference returns of the diffenvs control tasks in their default "
-                    "configuration: 'random' is the mean return of i.i.d. uniform "
-                    "actions, 'optimal' the best return of multi-start trajectory "
-                    "optimisation through the simulator. Produced by "
-                    "python -m diffenvs references."
-                ),
-                "settings": {
-                    "random_episodes": RANDOM_EPISODES,
-                    "optimiser_starts": OPTIMISER_STARTS,
-                    "optimiser_steps": OPTIMISER_STEPS,
-                    "jax_version": jax.__version__,
-                },
-                "entries": {
-                    task: dict(sorted(rows.items(), key=lambda item: int(item[0])))
-                    for task, rows in entries.items()
-                },
-            }
-            TABLE_PATH.parent.mkdir(parents=True, exist_ok=True)
-            TABLE_PATH.write_text(json.dumps(table, indent=1) + "\n")
+    for env in envs:
+        start = time.perf_counter()
+        entry = compute_references(env, progress=True)
+        entries.setdefault(env.name, {})[str(env.horizon)] = entry
+        report(
+            f"{env.name:>15} H={env.horizon:<5} random={entry['random']:<14.8g} "
+            f"optimal={entry['optimal']:<14.8g} "
+            f"({time.perf_counter() - start:.1f}s)"
+        )
+        table = {
+            "description": (
+                "Reference returns of the diffenvs control tasks in their default "
+                "configuration: 'random' is the mean return of i.i.d. uniform "
+                "actions, 'optimal' the best return of multi-start trajectory "
+                "optimisation through the simulator. Produced by "
+                "python -m diffenvs references."
+            ),
+            "settings": {
+                "random_episodes": RANDOM_EPISODES,
+                "optimiser_starts": OPTIMISER_STARTS,
+                "optimiser_steps": OPTIMISER_STEPS,
+                "jax_version": jax.__version__,
+            },
+            "entries": {
+                task: dict(sorted(rows.items(), key=lambda item: int(item[0])))
+                for task, rows in entries.items()
+            },
+        }
+        TABLE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        TABLE_PATH.write_text(json.dumps(table, indent=1) + "\n")
 
 
 def references(env: AbstractEnv) -> References:
     """See `AbstractEnv.references`."""
-    from ._env import References
-
     key = fingerprint(env)
     if key in _memory:
         return _memory[key]
