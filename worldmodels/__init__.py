@@ -7,6 +7,11 @@ Every `diffenvs` task satisfies the same protocol.
 """
 
 from ._awm import AWM as AWM
+from ._backbones._attention import (
+    AbstractAttention as AbstractAttention,
+    BlockedAttention as BlockedAttention,
+    ReferenceAttention as ReferenceAttention,
+)
 from ._backbones._backbone import AbstractBackbone as AbstractBackbone
 from ._backbones._recurrent import LSTM as LSTM, RNN as RNN
 from ._backbones._transformer import Transformer as Transformer
@@ -32,6 +37,7 @@ from ._registry import (
     register as register,
     sizes as sizes,
 )
+from ._rollout import AbstractCache as AbstractCache
 from ._training import (
     DEFAULT_OPTIMISER as DEFAULT_OPTIMISER,
     Episodes as Episodes,

@@ -1,18 +1,17 @@
 """Step-by-step rollouts through a model's `init` and `step`, differentiable in
-both modes, with a reverse-mode derivative that keeps a key-value cache once
-rather than once per step.
+both modes, with a reverse-mode derivative that keeps a cache (a transformer's
+key-value cache) once rather than once per step.
 
 Scanning `step` and differentiating the scan in reverse mode stores, for every
 step, everything the step's derivative needs, and a transformer's step reads its
-whole key-value cache: at H = 500 with the paper's sizes that is about 0.6 MB per
-step and 0.3 GB per example. But step t writes row t of each cache buffer and
-reads only rows 0 ... t, so the step computes the same from the final cache as from
-its own: in the derivative, every step can read the one final cache, and stores
-only its small inputs.
+whole key-value cache, so the stored caches grow with the square of the horizon.
+But step t writes row t of each cache buffer and reads only rows 0 ... t, so the
+step computes the same from the final cache as from its own: in the derivative,
+every step can read the one final cache, and stores only its small inputs.
 
-So a rollout whose carry holds a cache gets a custom forward-mode rule: run the
-steps to get the states and the final cache, then propagate tangents with a
-second scan whose step t reads the final cache (rows after t are masked, so they
+So a rollout whose carry holds an `AbstractCache` gets a custom forward-mode rule:
+run the steps to get the states and the final cache, then propagate tangents with
+a second scan whose step t reads the final cache (rows after t are masked, so they
 change nothing) and carries the tangent of the cache. Reverse mode transposes
 that scan; each step is rematerialised from its inputs, so the derivative stores
 O(H) numbers per example instead of O(H²), at the cost of recomputing the
@@ -21,35 +20,66 @@ forward pass once.
 A step also reads its buffers' whole length, rows after its own masked. So these
 rollouts run in a few segments of equal length, each with buffers only as long as
 its last step needs: the steps then read H/2 + H/(2n) rows on average over n
-segments instead of H (generation at H = 500 is about a quarter faster with 3).
-Each segment is one more loop to compile, hence few of them.
+segments instead of H. Each segment is one more loop to compile, hence few of
+them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import abc
+from typing import Any, Self
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._backbones._transformer import KeyValueCache
+
+class AbstractCache(eqx.Module):
+    """A part of a step's carry that the rollouts treat as a cache: buffers of one
+    row per step, and the position of the next step.
+
+    The contract: a step writes row `position` of every buffer and reads rows
+    0 ... `position` only, so it computes the same from any later state of the
+    buffers (one with more rows written, or more rows after them). The derivative
+    of `rollout` relies on it: every step reads the final buffers.
+    """
+
+    @abc.abstractmethod
+    def without_buffers(self) -> Self:
+        """The cache with its buffers removed (`None`), everything else kept."""
+
+    @abc.abstractmethod
+    def with_buffers(self, other: Self) -> Self:
+        """This cache (without buffers, say) with the buffers of `other`."""
+
+    @abc.abstractmethod
+    def resized(self, length: int) -> Self:
+        """The cache with buffers of `length` rows: the first `length` rows of
+        these, or these followed by rows of zeros; the caller keeps
+        `position < length`."""
 
 
 def rollout(
-    stepper: Any, s1: Float[Array, " state"], actions: Float[Array, "horizon action"]
+    stepper: Any,
+    s1: Float[Array, " state"],
+    actions: Float[Array, "horizon action"],
+    *,
+    segment: int = 128,
+    max_segments: int = 4,
 ) -> Float[Array, "horizon state"]:
     """The states from `stepper.init(s1, H)` and `stepper.step` over `actions`.
 
     Equal to a `jax.lax.scan` of `stepper.step`, in value and in both modes of
-    differentiation (to float tolerance); a carry that holds a transformer's
-    key-value cache takes the route above.
+    differentiation (to float tolerance); a carry that holds an `AbstractCache`
+    takes the route above, in `H // segment` segments (at least one, at most
+    `max_segments`).
     """
     carry = jax.eval_shape(lambda: stepper.init(s1, actions.shape[0]))
     if not any(_is_cache(x) for x in jax.tree.leaves(carry, is_leaf=_is_cache)):
         return _plain_scan(stepper, s1, actions)
-    return _cached_rollout(stepper, s1, actions)
+    stops = _segment_stops(actions.shape[0], segment, max_segments)
+    return _cached_rollout(stepper, s1, actions, stops=stops)
 
 
 def _plain_scan(stepper, s1, actions):
@@ -66,18 +96,18 @@ def _step_of(stepper):
 
 
 def _is_cache(x: Any) -> bool:
-    return isinstance(x, KeyValueCache)
+    return isinstance(x, AbstractCache)
 
 
-# The shortest segment, and the most segments, of a rollout through a cache.
-_SEGMENT = 128
-_MAX_SEGMENTS = 4
-
-
-def _segment_stops(horizon: int) -> list[int]:
+def _segment_stops(horizon: int, segment: int, max_segments: int) -> tuple[int, ...]:
     """Where each segment of a rollout of `horizon` steps ends (equal lengths)."""
-    count = max(1, min(_MAX_SEGMENTS, horizon // _SEGMENT))
-    return [horizon * (i + 1) // count for i in range(count)]
+    if segment <= 0 or max_segments <= 0:
+        raise ValueError(
+            "segment and max_segments must be positive, got "
+            f"segment={segment} and max_segments={max_segments}."
+        )
+    count = max(1, min(max_segments, horizon // segment))
+    return tuple(horizon * (i + 1) // count for i in range(count))
 
 
 def _resized(carry, length: int):
@@ -87,12 +117,12 @@ def _resized(carry, length: int):
     )
 
 
-def _segmented_scan(body_for, carry, xs, horizon: int):
-    """`jax.lax.scan` over the `horizon` rows of `xs` in segments; the segment that
-    ends at step `stop` runs `body_for(stop)` with the caches in its carry resized
-    to `stop` rows (the last segment's to `horizon`)."""
+def _segmented_scan(body_for, carry, xs, stops: tuple[int, ...]):
+    """`jax.lax.scan` over the rows of `xs` in segments; the segment that ends at
+    step `stop` runs `body_for(stop)` with the caches in its carry resized to
+    `stop` rows."""
     outputs, start = [], 0
-    for stop in _segment_stops(horizon):
+    for stop in stops:
         segment = jax.tree.map(lambda x, a=start, b=stop: x[a:b], xs)
         carry, output = jax.lax.scan(body_for(stop), _resized(carry, stop), segment)
         outputs.append(output)
@@ -100,17 +130,15 @@ def _segmented_scan(body_for, carry, xs, horizon: int):
     return carry, jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
 
 
-def _scan_with_history(stepper, s1, actions):
+def _scan_with_history(stepper, s1, actions, stops):
     """The final carry, every step's carry without its cache buffers, the states."""
 
     def body(carry, action):
         new, state = stepper.step(carry, action)
         return new, (_without_buffers(carry), state)
 
-    horizon = actions.shape[0]
-    final, (partials, states) = _segmented_scan(
-        lambda _: body, stepper.init(s1, horizon), actions, horizon
-    )
+    init = stepper.init(s1, actions.shape[0])
+    final, (partials, states) = _segmented_scan(lambda _: body, init, actions, stops)
     return final, partials, states
 
 
@@ -142,19 +170,17 @@ def _zeros_for_none(tangent, primal):
 
 
 @eqx.filter_custom_jvp
-def _cached_rollout(stepper, s1, actions):
-    horizon = actions.shape[0]
-    init = stepper.init(s1, horizon)
-    step = _step_of(stepper)
-    return _segmented_scan(lambda _: step, init, actions, horizon)[1]
+def _cached_rollout(stepper, s1, actions, *, stops):
+    init = stepper.init(s1, actions.shape[0])
+    return _segmented_scan(lambda _: _step_of(stepper), init, actions, stops)[1]
 
 
 @_cached_rollout.def_jvp
-def _cached_rollout_jvp(primals, tangents):
+def _cached_rollout_jvp(primals, tangents, *, stops):
     stepper, s1, actions = primals
     stepper_tangent, s1_tangent, actions_tangent = tangents
     horizon = actions.shape[0]
-    final, partials, states = _scan_with_history(stepper, s1, actions)
+    final, partials, states = _scan_with_history(stepper, s1, actions, stops)
 
     init = lambda model, s: model.init(s, horizon)  # noqa: E731
     carry, carry_tangent = eqx.filter_jvp(
@@ -185,6 +211,6 @@ def _cached_rollout_jvp(primals, tangents):
         )
 
     _, states_tangent = _segmented_scan(
-        body_for, carry_tangent, (partials, actions, actions_tangent), horizon
+        body_for, carry_tangent, (partials, actions, actions_tangent), stops
     )
     return states, states_tangent

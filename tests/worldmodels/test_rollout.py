@@ -12,14 +12,28 @@ from helpers import assert_close, make_float64
 
 import diffenvs
 import worldmodels
-import worldmodels._rollout
-
-# The reference: `step` scanned, differentiated by JAX alone (the route of a
-# carry without a cache).
-from worldmodels._rollout import _plain_scan as plain_scan
+from worldmodels._rollout import rollout
 
 # The built-in models whose step carries a key-value cache.
 CACHED = ["hwm-transformer", "awm-transformer"]
+
+
+def plain_scan(model, s1, actions):
+    """The reference: `step` scanned, differentiated by JAX alone (the route of a
+    carry without a cache)."""
+    step = lambda carry, action: model.step(carry, action)  # noqa: E731
+    return jax.lax.scan(step, model.init(s1, actions.shape[0]), actions)[1]
+
+
+def test_a_transformer_cache_is_an_abstract_cache():
+    """The rollout recognises a cache by its type, not by its backbone."""
+    env = diffenvs.make("double_pendulum", horizon=5)
+    model = worldmodels.make("hwm-transformer", env, key=jr.key(0))
+    carry = model.init(env.initial_state(), 5)
+    leaves = jax.tree.leaves(
+        carry, is_leaf=lambda x: isinstance(x, worldmodels.AbstractCache)
+    )
+    assert any(isinstance(x, worldmodels.AbstractCache) for x in leaves)
 
 
 def lively(model):
@@ -30,16 +44,21 @@ def lively(model):
     return eqx.tree_at(lambda m: m.backbone, model, jax.tree.map(scale, model.backbone))
 
 
-@pytest.fixture(params=[1024, 13], ids=["one-segment", "3-segments"])
-def segments(request, monkeypatch):
-    """Rollouts through a cache run in segments of growing buffers, by default
-    only from H = 256 on; the shortest segment set here gives H = 40 one segment
-    or three of unequal lengths (13, 13, 14)."""
-    monkeypatch.setattr(worldmodels._rollout, "_SEGMENT", request.param)
+def in_segments(segment: int):
+    """The rollout with the shortest segment `segment`."""
+    return lambda m, s, a: rollout(m, s, a, segment=segment)
 
 
+# A rollout through a cache runs in segments of growing buffers, by default only
+# from H = 256 on: at H = 40 `worldmodels.unroll` runs one segment, and a shortest
+# segment of 13 gives three of unequal lengths (13, 13, 14).
+SEGMENTED = {"one-segment": worldmodels.unroll, "3-segments": in_segments(13)}
+
+
+@pytest.mark.parametrize("segments", SEGMENTED)
 @pytest.mark.parametrize("name", CACHED)
 def test_derivatives_equal_plain_scan(x64, segments, name):
+    run = SEGMENTED[segments]
     env = make_float64("double_pendulum", horizon=40)
     model = lively(worldmodels.make(name, env, key=jr.key(0)))
     s1 = env.initial_state()
@@ -49,12 +68,12 @@ def test_derivatives_equal_plain_scan(x64, segments, name):
     def loss(run):
         return lambda args: jnp.sum(jnp.sin(run(*args)) * weights)
 
-    rollout = eqx.filter_jit(worldmodels.unroll)
-    reference = eqx.filter_jit(plain_scan)
-    assert_close(rollout(model, s1, actions), reference(model, s1, actions), rtol=1e-12)
+    got = eqx.filter_jit(run)(model, s1, actions)
+    want = eqx.filter_jit(plain_scan)(model, s1, actions)
+    assert_close(got, want, rtol=1e-12)
 
     args = (model, s1, actions)
-    got = eqx.filter_jit(eqx.filter_grad(loss(worldmodels.unroll)))(args)
+    got = eqx.filter_jit(eqx.filter_grad(loss(run)))(args)
     want = eqx.filter_jit(eqx.filter_grad(loss(plain_scan)))(args)
     # Each gradient against its whole array's magnitude: the column of an MLP
     # output weight that belongs to a saturated GELU unit is ~1e-9 of the others,
@@ -77,13 +96,20 @@ def test_derivatives_equal_plain_scan(x64, segments, name):
         jr.normal(jr.key(4), actions.shape),
     )
     forward = eqx.filter_jit(lambda run: eqx.filter_jvp(run, args, tangents)[1])
-    assert_close(forward(worldmodels.unroll), forward(plain_scan), rtol=1e-10)
+    assert_close(forward(run), forward(plain_scan), rtol=1e-10)
 
 
-def test_hwm_predict_takes_the_cached_route(x64, monkeypatch):
-    """An HWM's `predict` is its rollout; with a transformer it is the cached one
-    (a second-order derivative through it too), here in three segments."""
-    monkeypatch.setattr(worldmodels._rollout, "_SEGMENT", 6)
+HWM_ROLLOUTS = {
+    "predict": lambda m, s, a: m.predict(s, a),
+    "3-segments": in_segments(6),
+}
+
+
+@pytest.mark.parametrize("segments", HWM_ROLLOUTS)
+def test_hwm_second_order_derivative_equals_plain_scan(x64, segments):
+    """An HWM's `predict` is its rollout, through the cache with a transformer: a
+    Hessian-vector product through it (one segment at H = 20) and through the
+    rollout in three segments equals the plain scan's."""
     env = make_float64("double_pendulum", horizon=20)
     model = lively(worldmodels.make("hwm-transformer", env, key=jr.key(0)))
     s1 = env.initial_state()
@@ -94,7 +120,7 @@ def test_hwm_predict_takes_the_cached_route(x64, monkeypatch):
         grad = jax.grad(lambda a: jnp.sum(jnp.sin(run(model, s1, a))))
         return jax.jit(lambda a, d: jax.jvp(grad, (a,), (d,))[1])(actions, direction)
 
-    got = hessian_vector(lambda m, s, a: m.predict(s, a))
+    got = hessian_vector(HWM_ROLLOUTS[segments])
     assert_close(got, hessian_vector(plain_scan), rtol=1e-10)
 
 
@@ -108,7 +134,7 @@ def scratch_bytes(run, model, env, horizon: int) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_derivative_memory_is_linear_in_horizon(monkeypatch):
+def test_derivative_memory_is_linear_in_horizon():
     """The gradient's scratch memory is linear in H through the cached rollout and
     quadratic when every step's cache is stored. Constant parts (each segment has
     its own loop and buffers) cancel in the increments: from H = 64 to 128 to 256
@@ -124,9 +150,6 @@ def test_derivative_memory_is_linear_in_horizon(monkeypatch):
         )
         return (large - medium) / (medium - small)
 
-    growths = {"plain": growth(plain_scan)}
-    predict = lambda m, s, a: m.predict(s, a)  # noqa: E731
-    monkeypatch.setattr(worldmodels._rollout, "_SEGMENT", 16)
-    growths["cached"] = growth(predict)
+    growths = {"plain": growth(plain_scan), "cached": growth(in_segments(16))}
     assert growths["plain"] > 3.5, growths
     assert growths["cached"] < 2.5, growths

@@ -1,7 +1,7 @@
 """The transformer backbone's two forms: the blocked causal attention of the
-parallel pass (with its hand-written backward pass) against the key-value cache
-of the step-by-step pass, which uses plain masked attention and automatic
-differentiation."""
+parallel pass (with its hand-written backward pass) against the reference
+attention and against the key-value cache of the step-by-step pass, both plain
+masked attention under automatic differentiation."""
 
 import equinox as eqx
 import jax
@@ -12,7 +12,6 @@ import pytest
 from helpers import assert_close
 
 import worldmodels
-from worldmodels._backbones import _transformer
 
 
 @pytest.mark.parametrize("length", [1, 7, 64, 150])
@@ -21,17 +20,61 @@ def test_parallel_equals_cache_values_and_gradients(x64, length):
     _check_parallel_against_cache(length)
 
 
-def test_long_sequence_has_longer_blocks(x64, monkeypatch):
-    """Past `_MAX_BLOCKS` blocks of 64 the blocks grow instead: here 150 steps in
+def test_long_sequence_has_longer_blocks(x64):
+    """Past `max_blocks` blocks of 64 the blocks grow instead: here 150 steps in
     two blocks of 75."""
-    monkeypatch.setattr(_transformer, "_MAX_BLOCKS", 2)
-    assert _transformer._query_blocks(150) == [(0, 75), (75, 150)]
-    _check_parallel_against_cache(150)
+    attention = worldmodels.BlockedAttention(max_blocks=2)
+    assert attention.query_blocks(150) == [(0, 75), (75, 150)]
+    _check_parallel_against_cache(150, attention)
 
 
-def _check_parallel_against_cache(length: int) -> None:
+def test_blocked_attention_rejects_bad_settings():
+    with pytest.raises(ValueError, match="block"):
+        worldmodels.BlockedAttention(block=0)
+
+
+@pytest.mark.parametrize("length", [1, 70, 150])
+def test_blocked_equals_reference_under_vmap(x64, length):
+    """Values and gradients of the blocked kernel against the plain masked softmax,
+    under `jax.vmap`. At batch 10 the default chunks hold five examples of 70 steps
+    (and fewer of 150), so the batch runs as a loop over chunks; 70 and 150 steps
+    end in a short block."""
+    heads, width, batch = 3, 12, 10
+    qkv = jr.normal(jr.key(0), (batch, length, 3 * width))
+    cotangent = jr.normal(jr.key(1), (batch, length, width))
+
+    def loss(attention):
+        return lambda x: jnp.sum(jax.vmap(lambda r: attention(r, heads))(x) * cotangent)
+
+    blocked = worldmodels.BlockedAttention()
+    reference = worldmodels.ReferenceAttention()
+    got = jax.jit(jax.vmap(lambda r: blocked(r, heads)))(qkv)
+    want = jax.jit(jax.vmap(lambda r: reference(r, heads)))(qkv)
+    # float64: the two sum in different orders, a few ulp per operation.
+    assert_close(got, want, rtol=1e-12)
+    grad = jax.jit(jax.grad(loss(blocked)))(qkv)
+    assert_close(grad, jax.jit(jax.grad(loss(reference)))(qkv), rtol=1e-10)
+
+
+def test_reference_attention_transformer_predicts_the_same(x64):
+    """The attention strategy changes how, not what: a transformer built with
+    `ReferenceAttention` has the default's weights and outputs."""
+    make = lambda **kw: worldmodels.Transformer(100, width=12, key=jr.key(0), **kw)  # noqa: E731
+    default, reference = make(), make(attention=worldmodels.ReferenceAttention())
+    inputs = jr.normal(jr.key(1), (100, 12))
+    for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(reference), strict=True):
+        assert np.array_equal(a, b)
+    # float64: the two sum in different orders, a few ulp per operation.
+    run = eqx.filter_jit(lambda m, x: m(x))
+    assert_close(run(default, inputs), run(reference, inputs), rtol=1e-12)
+
+
+def _check_parallel_against_cache(length: int, attention=None) -> None:
+    attention = attention or worldmodels.BlockedAttention()
     key, inputs_key, cotangent_key = jr.split(jr.key(0), 3)
-    transformer = worldmodels.Transformer(150, width=12, num_heads=3, key=key)
+    transformer = worldmodels.Transformer(
+        150, width=12, num_heads=3, attention=attention, key=key
+    )
     inputs = jr.normal(inputs_key, (length, 12))
     cotangent = jr.normal(cotangent_key, (length, 12))
 
@@ -70,15 +113,18 @@ def test_causal_attention_gradient_is_causal(x64):
 
 
 @pytest.mark.parametrize("batch", [6, 5])
-def test_batch_in_chunks_equals_one_example_at_a_time(x64, monkeypatch, batch):
+def test_batch_in_chunks_equals_one_example_at_a_time(x64, batch):
     """Under `jax.vmap` the attention runs a few examples at a time. With room
     for two examples per chunk, a batch of 6 is three chunks of 2 and a batch of
     5 five chunks of 1; values and gradients match a loop over the examples."""
     length, heads, width = 70, 3, 12
     row = heads * 64 * length * 8  # the largest block's float64 weights, one example
-    monkeypatch.setattr(_transformer, "_CHUNK_BYTES", 2 * row)
     transformer = worldmodels.Transformer(
-        length, width=width, num_heads=heads, key=jr.key(0)
+        length,
+        width=width,
+        num_heads=heads,
+        attention=worldmodels.BlockedAttention(chunk_bytes=2 * row),
+        key=jr.key(0),
     )
     inputs = jr.normal(jr.key(1), (batch, length, width))
     cotangent = jr.normal(jr.key(2), (batch, length, width))
