@@ -42,8 +42,11 @@ def references(argv: list[str]) -> None:
     def envs():
         for name in args.tasks:
             for horizon in args.horizons:
+                # Only the construction in float64: a `yield` inside the context
+                # would keep it entered while the entry is computed.
                 with jax.enable_x64(True):
-                    yield diffenvs.make(name, horizon=horizon)
+                    env = diffenvs.make(name, horizon=horizon)
+                yield env
 
     write_table(envs(), report=lambda line: print(line, flush=True))
 
