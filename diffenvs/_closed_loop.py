@@ -125,5 +125,8 @@ class Dynamics(eqx.Module):
         self, carry: tuple[Array, Array], action: Float[Array, " action"]
     ) -> tuple[tuple[Array, Array], Float[Array, " state"]]:
         state, step = carry
-        next_state = self.env.transition(step, state, jnp.clip(action, -1.0, 1.0))
+        action = jnp.clip(action, -1.0, 1.0)
+        # The task's own step body, as in `predict` and `step`; its reward and
+        # finiteness flag are unused here, and JAX drops them.
+        next_state, _, _ = self.env._step(step, state, action)
         return (next_state, step + 1), next_state

@@ -9,7 +9,7 @@ import diffrax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Scalar
 
-from ._env import AbstractEnv, param as param
+from ._env import AbstractEnv
 
 
 class AbstractControlTask(AbstractEnv):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -11,44 +10,15 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree, Scalar
 
+from ._checks import all_finite, as_horizon, check_horizon, check_shape, promote
 from ._closed_loop import Dynamics, closed_loop, observation
-from ._errors import as_array_or_same, branched_error_if, check_key
+from ._constants import check_constants
+from ._errors import branched_error_if, check_key
 from ._hashing import tree_hash
-from ._references import References, references
-
-
-def param(value: float):
-    """A task constant as a field: an array leaf, so one may differentiate or `vmap`
-    over it. `AbstractEnv` checks at construction that it is a real scalar, and a
-    finite one unless traced."""
-    return eqx.field(
-        default=value, converter=as_array_or_same, metadata={"constant": True}
-    )
-
-
-def _check_constants(env: AbstractEnv) -> None:
-    for field in dataclasses.fields(env):
-        if not field.metadata.get("constant"):
-            continue
-        value = getattr(env, field.name)
-        where = f"{field.name} (a constant of {type(env).__name__})"
-        if (
-            not isinstance(value, jax.Array)
-            or not jnp.issubdtype(value.dtype, jnp.number)
-            or jnp.issubdtype(value.dtype, jnp.complexfloating)
-        ):
-            raise TypeError(f"{where} must be a real number, got {value!r}.")
-        if value.shape != ():
-            raise ValueError(
-                f"{where} must be a scalar, got an array of shape {value.shape}; "
-                f"for a batch of tasks, build one task per value and stack them "
-                f"(docs/envs.md)."
-            )
-        if not isinstance(value, jax.core.Tracer) and not np.isfinite(value):
-            raise ValueError(f"{where} must be finite, got {float(value)}.")
+from ._ode import check_solver, ode_step
+from ._references import References, normalized_score, references
 
 
 class EnvState(eqx.Module):
@@ -77,44 +47,6 @@ class Rollout(eqx.Module):
     rewards: Float[Array, " horizon"]
 
 
-def _as_horizon(horizon: object) -> object:
-    # A NumPy integer is an integer: stored as a Python int, the static shape is
-    # unambiguous. Anything else is left for `_check_horizon` to name.
-    if isinstance(horizon, np.integer) and not isinstance(horizon, np.bool_):
-        return int(horizon)
-    return horizon
-
-
-def _check_horizon(horizon: object) -> None:
-    # bool is an int subclass but never a meaningful horizon.
-    if isinstance(horizon, bool) or not isinstance(horizon, int):
-        raise TypeError(
-            f"horizon must be a positive int (the number of control steps), "
-            f"got {horizon!r} of type {type(horizon).__name__}."
-        )
-    if horizon <= 0:
-        raise ValueError(f"horizon must be a positive int, got horizon={horizon}.")
-
-
-def _check_solver(solver: object) -> None:
-    if not isinstance(solver, diffrax.AbstractSolver):
-        raise TypeError(
-            f"solver must be a Diffrax solver instance such as diffrax.Euler(), got "
-            f"{solver!r}."
-        )
-    if isinstance(solver, diffrax.AbstractImplicitSolver):
-        raise ValueError(
-            f"solver must be an explicit fixed-step Diffrax solver (Euler, Heun, "
-            f"Midpoint, Ralston, Bosh3, Tsit5, Dopri5, ...), got the implicit solver "
-            f"{type(solver).__name__}."
-        )
-    if solver.term_structure is not diffrax.AbstractTerm:
-        raise ValueError(
-            f"solver must integrate a single ODE term, got {type(solver).__name__} "
-            f"whose term structure is {solver.term_structure!r}."
-        )
-
-
 class AbstractEnv(eqx.Module):
     """A deterministic finite-horizon control task, differentiable end to end.
 
@@ -132,7 +64,7 @@ class AbstractEnv(eqx.Module):
     being repeated in each concrete class.
     """
 
-    horizon: int = eqx.field(static=True, converter=_as_horizon)
+    horizon: int = eqx.field(static=True, converter=as_horizon)
     solver: diffrax.AbstractSolver = eqx.field(default_factory=diffrax.Euler)
 
     name: ClassVar[str]
@@ -145,9 +77,9 @@ class AbstractEnv(eqx.Module):
     _nonfinite_persists: ClassVar[bool] = False
 
     def __check_init__(self):
-        _check_horizon(self.horizon)
-        _check_solver(self.solver)
-        _check_constants(self)
+        check_horizon(self.horizon)
+        check_solver(self.solver)
+        check_constants(self)
 
     def __hash__(self) -> int:
         # By value, consistent with `==`, so that `jax.jit(env.step)` can cache on
@@ -199,8 +131,6 @@ class AbstractEnv(eqx.Module):
         `transition_and_reward`."""
         return self.transition_and_reward(step, state, action)[1]
 
-    # ---- the Diffrax step --------------------------------------------------------
-
     def ode_step(
         self,
         vector_field: Callable[..., Array],
@@ -209,22 +139,40 @@ class AbstractEnv(eqx.Module):
         args: Array,
     ) -> Float[Array, " state"]:
         """One step of length `dt` of the ODE `dy/dt = vector_field(t, y, args)`
-        with this task's Diffrax solver, with the control held constant in `args`.
+        with this task's Diffrax solver, the control held constant in `args`: one
+        solver step rather than `diffrax.diffeqsolve`, since the control changes at
+        every step and each step is its own initial-value problem."""
+        return ode_step(self.solver, vector_field, t0, t0 + self.dt, y0, args)
 
-        We call the solver's `step` directly instead of `diffrax.diffeqsolve`: the
-        control changes at every step, so each step is its own initial-value
-        problem, and `diffeqsolve`'s adaptive loop and output handling would cost far
-        more than the single step itself. The solver state is initialised afresh at
-        every step because a first-same-as-last derivative cached from the previous
-        step belongs to the previous control.
+    # ---- the step body -----------------------------------------------------------
+
+    def _step(
+        self,
+        step: Int[Array, ""],
+        state: Array,
+        action: Array,
+        finite: Array | bool = True,
+    ) -> tuple[Array, Scalar, Array | bool]:
+        """One step as every path runs it: the time loop of `predict` and `rewards`
+        (`_simulate`), `step`, and `rollout` (through `Dynamics`).
+
+        Returns x_{k+1}, r_k except its terminal part, and whether every state so
+        far is finite: `finite` and x_{k+1}'s own finiteness, tracked here where the
+        state is at hand rather than in a second pass over the trajectory. Where a
+        non-finite state persists, `finite` is returned unchanged and
+        `_finite_through` settles it from the last state.
         """
-        term = diffrax.ODETerm(vector_field)
-        t1 = t0 + self.dt
-        solver_state = self.solver.init(term, t0, t1, y0, args)
-        y1, _, _, _, _ = self.solver.step(
-            term, t0, t1, y0, args, solver_state, made_jump=False
-        )
-        return y1
+        next_state, reward = self.transition_and_reward(step, state, action)
+        if not self._nonfinite_persists:
+            finite = finite & all_finite(next_state)
+        return next_state, reward, finite
+
+    def _finite_through(self, last_state: Array, finite: Array | bool) -> Array:
+        """Whether every state up to `last_state` is finite, given the flag that
+        `_step` carried to it."""
+        if self._nonfinite_persists:
+            return all_finite(last_state)
+        return jnp.asarray(finite)
 
     # ---- the world-model protocol ------------------------------------------------
 
@@ -257,18 +205,15 @@ class AbstractEnv(eqx.Module):
         def body(carry, inputs):
             state, finite = carry
             step, action = inputs
-            next_state, reward = self.transition_and_reward(step, state, action)
-            if not self._nonfinite_persists:
-                finite = finite & _all_finite(next_state)
+            next_state, reward, finite = self._step(step, state, action, finite)
             return (next_state, finite), (next_state, reward)
 
         steps = jnp.arange(self.horizon)
         init = (s1, jnp.array(True))
         (last, finite), (states, rewards) = jax.lax.scan(body, init, (steps, actions))
-        if self._nonfinite_persists:
-            finite = _all_finite(last)
+        finite = self._finite_through(last, finite)
         nan_action = jnp.any(jnp.isnan(actions))
-        bad_s1 = ~_all_finite(s1)
+        bad_s1 = ~all_finite(s1)
         return (
             states, last, rewards,
             lambda out: self._report(out, nan_action, finite, bad_s1),
@@ -284,12 +229,13 @@ class AbstractEnv(eqx.Module):
         `predict`, or by a world model). Computed in parallel over time."""
         s1, actions = self._check_shapes(s1, actions)
         states = jnp.asarray(states)
-        if states.shape != (self.horizon, self.state_dim):
-            raise ValueError(
-                f"states must have shape (horizon, state_dim) = "
-                f"{(self.horizon, self.state_dim)} for task {self.name!r}, got shape "
-                f"{states.shape}; batch with jax.vmap."
-            )
+        check_shape(
+            states,
+            (self.horizon, self.state_dim),
+            "states must have shape (horizon, state_dim)",
+            self.name,
+            "; batch with jax.vmap",
+        )
         previous = jnp.concatenate([s1[None], states[:-1]])
         steps = jnp.arange(self.horizon)
         rewards = jax.vmap(self.running_reward)(steps, previous, actions)
@@ -329,13 +275,12 @@ class AbstractEnv(eqx.Module):
         """
         k = env_state.step
         action = self._check_action(action, finished=k >= self.horizon)
-        next_state, reward = self.transition_and_reward(k, env_state.state, action)
+        next_state, reward, finite = self._step(k, env_state.state, action)
         done = k + 1 >= self.horizon
         reward = reward + jnp.where(done, self.terminal_reward(next_state), 0.0)
-        finite = _all_finite(next_state)
         next_state, reward = self._report(
-            (next_state, reward), jnp.array(False), finite,
-            ~_all_finite(env_state.state),
+            (next_state, reward), jnp.array(False),
+            self._finite_through(next_state, finite), ~all_finite(env_state.state),
         )  # fmt: skip
         return EnvState(next_state, k + 1), reward, done
 
@@ -381,7 +326,7 @@ class AbstractEnv(eqx.Module):
         rewards = self.rewards_from_states(s1, actions, states)
         nan_action = jnp.any(jnp.isnan(actions))
         states, rewards = self._report(
-            (states, rewards), nan_action, _all_finite(states)
+            (states, rewards), nan_action, all_finite(states)
         )
         return Rollout(trajectory.observations, actions, states, rewards)
 
@@ -399,20 +344,18 @@ class AbstractEnv(eqx.Module):
 
     def normalized_score(self, episode_return: ArrayLike) -> Array:
         """(R - R_rand) / (R_opt - R_rand): 0 is random, 1 is optimal."""
-        refs = self.references()
-        return (jnp.asarray(episode_return) - refs.random) / (
-            refs.optimal - refs.random
-        )
+        return normalized_score(self, episode_return)
 
     # ---- checks ------------------------------------------------------------------
 
     def _check_action(self, action: Array, finished: Array) -> Array:
         action = jnp.asarray(action)
-        if action.shape != (self.action_dim,):
-            raise ValueError(
-                f"action must have shape (action_dim,) = ({self.action_dim},) for task "
-                f"{self.name!r}, got shape {action.shape}."
-            )
+        check_shape(
+            action,
+            (self.action_dim,),
+            "action must have shape (action_dim,)",
+            self.name,
+        )
         # On the action, which every output depends on, so that the checks also run
         # in the derivatives (`_errors`).
         action = branched_error_if(
@@ -428,24 +371,15 @@ class AbstractEnv(eqx.Module):
         return jnp.clip(action, -1.0, 1.0)
 
     def _check_shapes(self, s1: Array, actions: Array) -> tuple[Array, Array]:
-        # In the default floating-point precision at least (float64 under x64), so
-        # that the time loop's carry keeps one type.
-        default = jax.dtypes.canonicalize_dtype(jnp.float64)
-        s1, actions = (
-            jnp.asarray(x, jnp.promote_types(jnp.result_type(x), default))
-            for x in (s1, actions)
+        s1, actions = promote(s1), promote(actions)
+        check_shape(s1, (self.state_dim,), "s1 must have shape (state_dim,)", self.name)
+        check_shape(
+            actions,
+            (self.horizon, self.action_dim),
+            "actions must have shape (horizon, action_dim)",
+            self.name,
+            "; batch with jax.vmap",
         )
-        if s1.shape != (self.state_dim,):
-            raise ValueError(
-                f"s1 must have shape (state_dim,) = ({self.state_dim},) for task "
-                f"{self.name!r}, got shape {s1.shape}."
-            )
-        expected = (self.horizon, self.action_dim)
-        if actions.shape != expected:
-            raise ValueError(
-                f"actions must have shape (horizon, action_dim) = {expected} for task "
-                f"{self.name!r}, got shape {actions.shape}; batch with jax.vmap."
-            )
         return s1, actions
 
     def _report(
@@ -473,10 +407,3 @@ class AbstractEnv(eqx.Module):
                 f"not finite.",
             ),
         )
-
-
-def _all_finite(state: Array) -> Array:
-    # Tracked inside the time loop, where the state is already at hand: a second
-    # pass over the whole trajectory afterwards cost about 25% of `predict` at batch
-    # 1024 (benchmarks/test_envs.py measures the total against a hand-written loop).
-    return jnp.all(jnp.isfinite(state))

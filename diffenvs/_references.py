@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
@@ -309,6 +309,12 @@ def references(env: AbstractEnv) -> References:
     result = References(random=entry["random"], optimal=entry["optimal"])
     _memory[key] = result
     return result
+
+
+def normalized_score(env: AbstractEnv, episode_return: ArrayLike) -> Array:
+    """See `AbstractEnv.normalized_score`."""
+    refs = references(env)
+    return (jnp.asarray(episode_return) - refs.random) / (refs.optimal - refs.random)
 
 
 def _read_cached(path: pathlib.Path) -> dict | None:

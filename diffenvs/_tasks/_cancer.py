@@ -3,7 +3,8 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
-from .._control import AbstractControlTask, param
+from .._constants import param
+from .._control import AbstractControlTask
 
 
 class Cancer(AbstractControlTask):

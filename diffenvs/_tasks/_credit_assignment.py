@@ -3,7 +3,8 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Scalar
 
-from .._env import AbstractEnv, param
+from .._constants import param
+from .._env import AbstractEnv
 
 
 class CreditAssignment(AbstractEnv):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import diffenvs
-from diffenvs import _references
+from diffenvs import __main__ as cli, _references
 from diffenvs._references import TABLE_HORIZONS, fingerprint, load_table
 
 
@@ -133,6 +133,35 @@ def test_the_table_reproduces_timber_closed_form_and_random_baseline():
     np.testing.assert_allclose(
         diffenvs.random_return(env), table["mould"]["20"]["random"], rtol=1e-12
     )
+
+
+def test_the_command_line_rewrites_the_entries_asked_for(monkeypatch, tmp_path):
+    """`python -m diffenvs references --tasks ... --horizons ...` computes each entry
+    for the default task built in float64 (the computation itself in the default
+    precision, as in any other process) and keeps the other entries."""
+    shipped = load_table()
+    path = tmp_path / "references.json"
+    path.write_text(_references.TABLE_PATH.read_text())
+    monkeypatch.setattr(_references, "TABLE_PATH", path)
+    computed = []
+
+    def fake(env, **kwargs):
+        computed.append((env.name, env.horizon, env.k.dtype, jnp.zeros(()).dtype))
+        return {"random": 1.0, "optimal": 2.0, "fingerprint": fingerprint(env)}
+
+    monkeypatch.setattr(_references, "compute_references", fake)
+    cli.main(["references", "--tasks", "hiv", "--horizons", "10", "50"])
+    assert computed == [
+        ("hiv", 10, jnp.float64, jnp.float32),
+        ("hiv", 50, jnp.float64, jnp.float32),
+    ]
+    entries = json.loads(path.read_text())["entries"]
+    for horizon in ("10", "50"):
+        assert entries["hiv"][horizon]["optimal"] == 2.0
+    assert entries["hiv"]["20"] == shipped["hiv"]["20"]
+    assert {name: rows for name, rows in entries.items() if name != "hiv"} == {
+        name: rows for name, rows in shipped.items() if name != "hiv"
+    }
 
 
 def test_references_come_from_the_table_without_computing(monkeypatch):
