@@ -27,6 +27,7 @@ import pytest
 from helpers import make_float64
 from hypothesis import given, strategies as st
 from theory.common import assert_at_most, r_squared, x64_settings
+from theory.ratios import record
 
 HORIZON = 400
 FIRST = 25  # the fits start at H = 25, as in test_tasks.py
@@ -141,6 +142,7 @@ def test_local_jacobians_bound_the_sensitivity(x64, solver):
     )
     # Logarithms of float64 products: the slack is absolute, 1e-9.
     assert_at_most(log_norms, log_bound + 1e-9, rtol=0.0)
+    record("chaos_markov", np.exp(log_norms[:, -1] - log_bound[:, -1]), 1.0)
     bound_rate = float(np.mean(log_local)) / env.dt
     mean = np.exp(log_norms).mean(axis=0)
     _, rate = r_squared(

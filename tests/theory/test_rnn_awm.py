@@ -7,8 +7,15 @@ with ‖diag σ'‖ ≤ 1/β. Printed: ‖∂ŝ_t/∂a_k‖ ≤ ‖W_o‖‖W_a�
 ‖∇_θ J‖ = O(η^H); in the one-dimensional positive case with σ' ≥ γ > 0,
 ∂ŝ_t/∂a_k ≥ ‖W_o‖‖W_a‖(‖W_x‖γ)^{t-k} and ‖∇_θ J‖ ≥ L_r L_π ‖W_o‖‖W_a‖
 (‖W_x‖γ)^{H-1}. The per-pair upper bound holds and is attained; the order
-O(η^H) holds only for η > 1, and the printed lower bounds are one factor ‖W_x‖γ
-too strong. `docs/theory.md` has the derivations. Indices: see `theory.common`.
+O(η^H) holds only for η > 1 (the proof's last step, O(H² η^H) = O(η^H), is never
+valid; summing the series is); the ICLR proof's η = ρ(W_x)/β needs the norm, not
+the spectral radius. The printed per-pair lower bound is one factor ‖W_x‖γ too
+strong, which makes it false whenever ‖W_x‖γ > 1; the printed gradient-level
+lower bound is false only above a threshold η*_H of ‖W_x‖γ, which rises from 1
+at H = 2 to φ² = (3 + √5)/2 as H grows. Thm. 2 is an equality in A.2's setting
+only when the reward and policy derivatives equal L_r and L_π at every visited
+state and θ is a scalar. `docs/theory.md` has the derivations. Indices: see
+`theory.common`.
 """
 
 import equinox as eqx
@@ -31,6 +38,7 @@ from theory.common import (
     spectral_norm,
     x64_settings,
 )
+from theory.ratios import record
 
 
 class RNNAWM(eqx.Module):
@@ -164,7 +172,9 @@ def test_per_pair_upper_bound(
     # later actions never reach earlier states, so these blocks are exact zeros.
     np.testing.assert_array_equal(np.triu(norms, 1), 0.0)
     # Cor. 2.1: a product of t-k-1 factors diag(σ') W_x between W_o and W_a.
-    assert_at_most(norms, _upper_bounds(model, horizon), err_msg=activation)
+    bounds = _upper_bounds(model, horizon)
+    record("cor21_pair", norms, bounds)
+    assert_at_most(norms, bounds, err_msg=activation)
 
 
 def test_per_pair_upper_bound_is_attained(x64):
@@ -180,6 +190,7 @@ def test_per_pair_upper_bound_is_attained(x64):
         (jnp.array([[w]]), jnp.array([[1.5]]), jnp.array([[-0.8]]), jnp.zeros(1)),
     )
     jacobian, _ = _jacobian(model, jnp.zeros(1), jnp.zeros((horizon, 1)))
+    record("cor21_pair", block_norms(jacobian), _upper_bounds(model, horizon))
     np.testing.assert_allclose(
         block_norms(jacobian),
         _upper_bounds(model, horizon),
@@ -187,16 +198,55 @@ def test_per_pair_upper_bound_is_attained(x64):
     )
 
 
+def test_spectral_radius_does_not_bound_the_blocks(x64):
+    """The ICLR proof of its Cor. 1.1 writes η = ρ(W_xᵀ)/β "in the case of the
+    2-norm"; that holds for a normal W_x only. A nilpotent W_x has ρ = 0, so the
+    bound ‖W_o‖‖W_a‖(ρ/β)^{t-k-1} vanishes at every lag ≥ 1, while at the origin
+    of a tanh RNN (σ' = 1 = 1/β) ∂ŝ_t/∂a_{t-2} = W_o W_x W_a = 2. The norm
+    bound, η = ‖W_x‖/β = 2, holds. (The ICLR premise ρ(W_x) > β does imply
+    ‖W_x‖ > β, hence η > 1: only the identity is wrong, not the conclusion.)"""
+    horizon = 6
+    model = make_rnn(0, (horizon, 1, 1, 2), "tanh", 1.0, 1.0)
+    model = eqx.tree_at(
+        lambda m: (m.w_x, m.w_a, m.w_o, m.b, m.w_s),
+        model,
+        (
+            jnp.array([[0.0, 2.0], [0.0, 0.0]]),
+            jnp.array([[0.0], [1.0]]),
+            jnp.array([[1.0, 1.0]]),
+            jnp.zeros(2),
+            jnp.zeros((2, 1)),
+        ),
+    )
+    rho = float(np.max(np.abs(np.linalg.eigvals(np.asarray(model.w_x)))))
+    assert rho == 0.0 and model.eta == 2.0
+    jacobian, pre = _jacobian(model, jnp.zeros(1), jnp.zeros((horizon, 1)))
+    np.testing.assert_array_equal(pre, 0.0)  # the trajectory is the origin
+    norms = block_norms(jacobian)
+    # W_o W_x^d W_a: 1 at lag 0, 2 at lag 1, 0 beyond (exact in float64).
+    lags = lag_matrix(horizon)
+    causal = np.tril(np.ones((horizon, horizon), bool))
+    expected = np.select([lags == 0, lags == 1], [1.0, 2.0], 0.0)
+    np.testing.assert_array_equal(norms[causal], expected[causal])
+    scale = spectral_norm(model.w_o) * spectral_norm(model.w_a)
+    with_rho = np.where(causal, scale * rho**lags, 0.0)
+    record("cor21_spectral_radius", norms[lags == 1], with_rho[lags == 1])
+    assert np.all(norms[lags == 1] > with_rho[lags == 1])
+    assert_at_most(norms, _upper_bounds(model, horizon))
+
+
 @x64_settings
 @given(
-    shape=st.sampled_from(SHAPES[:2]),
     activation=st.sampled_from(sorted(ACTIVATIONS)),
     x_scale=st.floats(0.2, 2.5),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_policy_gradient_upper_bound(x64, shape, activation, x_scale, seed):
+def test_policy_gradient_upper_bound(x64, activation, x_scale, seed):
     """Cor. 2.1 at the level of the policy gradient, through Thm. 2:
-    ‖∇_θ J‖ ≤ L_r L_π ‖W_o‖‖W_a‖ Σ_{pairs} η^{t-k-1}, with L_r, L_π measured."""
+    ‖∇_θ J‖ ≤ L_r L_π ‖W_o‖‖W_a‖ Σ_{pairs} η^{t-k-1}, with L_r, L_π measured.
+    (One shape, a vector state, action and hidden state: the per-pair property
+    covers the others, and each shape compiles the closed loop anew.)"""
+    shape = SHAPES[1]
     model = make_rnn(seed, shape, activation, x_scale, 1.0)
     horizon, state, action, _ = shape
     policy = TinyPolicy.init(jax.random.key(seed % 2**31), state, action, 8)
@@ -207,6 +257,7 @@ def test_policy_gradient_upper_bound(x64, shape, activation, x_scale, seed):
     l_r = float(np.max(np.linalg.norm(np.asarray(states - goal), axis=-1)))
     l_pi = policy_lipschitz(policy, seen)
     bound = l_r * l_pi * np.sum(_upper_bounds(model, horizon))
+    record("cor21_gradient", gradient_norm(grad), bound)
     assert_at_most(gradient_norm(grad), bound, err_msg=activation)
 
 
@@ -271,12 +322,14 @@ def test_one_dimensional_lower_bound(x64, activation, w, w_a, w_o, theta, feedba
     gamma = float(np.min(model.activation_derivative(pre[1:])))
     lower = w_o * w_a * (w * gamma) ** lag_matrix(horizon)
     causal = np.tril(np.ones((horizon, horizon), bool))
+    record("a2_pair", derivatives[causal], lower[causal])
     assert_at_most(lower[causal], derivatives[causal])
-    # All paths carry positive factors, so the triangle and Cauchy-Schwarz steps
-    # of Thm. 2 are equalities; the same float64 sum in two orders (1e-12).
-    np.testing.assert_allclose(
-        float(grad[0]), l_r * l_pi * np.sum(derivatives[causal]), rtol=1e-12
-    )
+    # All paths carry positive factors, ∂π/∂θ = L_π and ∂r/∂s = L_r at every
+    # state, and θ is a scalar, so the triangle and Cauchy-Schwarz steps of
+    # Thm. 2 are equalities; the same float64 sum in two orders (1e-12).
+    theorem_2 = l_r * l_pi * np.sum(derivatives[causal])
+    record("a2_equality", float(grad[0]), theorem_2)
+    np.testing.assert_allclose(float(grad[0]), theorem_2, rtol=1e-12)
     assert_at_most(l_r * l_pi * lower[-1, 0], float(grad[0]))
 
 
@@ -317,6 +370,7 @@ def test_printed_lower_bound_is_one_factor_too_strong(x64):
     # Exact powers of 4 in float64.
     np.testing.assert_array_equal(derivatives[causal], (w**lags)[causal])
     printed = w ** (lags + 1)
+    record("a2_printed_pair", derivatives[causal], printed[causal])
     assert np.all(derivatives[causal] * w == printed[causal])
     assert np.all(derivatives[causal] < printed[causal])
     # The paper's J sums r(ŝ_1) ... r(ŝ_{H'}) with H' = horizon + 1 states, so its
@@ -343,7 +397,101 @@ def test_printed_order_fails_below_eta_one(x64):
     # Σ_{d<h} (h - d) w^d = 2h - 2 + 2^{1-h} for w = 1/2, exactly, up to rounding.
     np.testing.assert_allclose(sums, 2 * h - 2 + 2.0 ** (1 - h), rtol=1e-14)
     ratio = sums / w**h
+    record("cor21_order", sums, w**h)
     assert np.all(np.diff(ratio) > 0) and ratio[-1] > 1e10
     # The derived bound Σ (h - d) η^d, with η = ‖W_x‖ / β = 0.5, is attained.
     bound = np.array([sum((k - d) * w**d for d in range(k)) for k in h])
     np.testing.assert_allclose(sums, bound, rtol=1e-14)
+
+
+def _printed_threshold(states: int) -> float:
+    """η*_H: with H = `states` states, the printed gradient-level lower bound
+    S_H(η) ≥ η^{H-1} of App. A.2, S_H(η) = Σ_{d=0}^{H-2} (H - 1 - d) η^d, holds
+    exactly for η ≤ η*_H. Dividing by η^{H-1}, the condition is
+    Σ_{j=1}^{H-1} j η^{-j} ≥ 1, whose left side decreases in η: bisection."""
+    j = np.arange(1, states)
+    low, high = 1.0, 3.0  # at η = 1 the left side is H(H - 1)/2 ≥ 1; at 3, < 1
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if np.sum(j * mid**-j) >= 1 else (low, mid)
+    return low
+
+
+def test_printed_gradient_lower_bound_fails_only_above_a_threshold(x64):
+    """App. A.2 at the level of the gradient, ‖∇_θ J‖ ≥ L_r L_π ‖W_o‖‖W_a‖
+    (‖W_x‖γ)^{H-1}: on the 1-D tanh RNN at the origin, where every σ' = γ, the
+    gradient is L_r L_π W_o W_a S_H(η) with η = W_x γ, so the printed bound holds
+    for η ≤ η*_H and fails above it. η*_2 = 1, η*_3 = 2, and η*_H rises to
+    φ² = (3 + √5)/2 as H grows (Σ_j j x^j = x/(1 - x)² = 1 at x = 1/φ²)."""
+    thresholds = np.array([_printed_threshold(h) for h in (2, 3, 4, 9, 50)])
+    np.testing.assert_allclose(thresholds[:2], [1.0, 2.0], rtol=1e-12)
+    assert np.all(np.diff(thresholds) > 0)
+    golden_squared = (3 + np.sqrt(5)) / 2
+    assert thresholds[-1] < golden_squared
+    assert thresholds[-1] == pytest.approx(golden_squared, rel=1e-12)
+    horizon = 8  # H' = 9 states: η*_9 = 2.6149
+    threshold = _printed_threshold(horizon + 1)
+    for factor, holds in [(0.99, True), (1.01, False)]:
+        w = factor * threshold
+        grad, _ = _origin_gradient(horizon, w)
+        printed = w**horizon  # L_r = L_π = W_o = W_a = 1, exponent H' - 1
+        record("a2_gradient_threshold", grad, printed)
+        # The exact gradient S_H(w) differs from the printed value by about 2%
+        # of it here, far above float64 rounding.
+        assert (grad >= printed) == holds, (factor, grad, printed)
+
+
+class PairPolicy(eqx.Module):
+    """π_θ(s) = θ_0 + θ_1 tanh(s): a two-dimensional θ."""
+
+    theta: Array
+
+    def __call__(self, state: Array) -> Array:
+        return self.theta[:1] + self.theta[1:] * jnp.tanh(state)
+
+
+@eqx.filter_jit
+def _equality_case(model, policy, s1, l_r, curved: bool, horizon: int):
+    """∇_θ J for J = Σ_t r(ŝ_t), r(s) = L_r s (`curved` false) or L_r tanh(s), the
+    largest |r'| on the trajectory, and the Jacobian of `predict` there."""
+    seen = generate(model.predict, policy, s1, horizon, 1)
+
+    def reward(s):
+        return l_r * (jnp.tanh(s[0]) if curved else s[0])
+
+    grad = eqx.filter_grad(bpo_objective)(policy, model.predict, reward, seen, s1)
+    actions = jax.vmap(policy)(seen)
+    states = model.predict(s1, actions)
+    slopes = jax.vmap(jax.grad(reward))(states)
+    jacobian, _ = _jacobian(model, s1, actions)
+    return grad, jnp.max(jnp.abs(slopes)), jacobian, seen
+
+
+@pytest.mark.parametrize("unmet", ["curved reward", "two-dimensional θ"])
+def test_theorem_2_is_strict_when_a2_conditions_fail(x64, unmet):
+    """A.2 says Thm. 2 becomes an equality in the one-dimensional positive case.
+    It also needs |∂r(ŝ_t)/∂ŝ_t| = L_r at every t and |∂π(ŝ_k)/∂θ| = L_π at every
+    k with θ scalar (or all ∂π/∂θ parallel): with r = L_r tanh, or with a
+    two-dimensional θ, the inequality is strict even with L_r and L_π measured
+    on the trajectory, and even though every path carries positive factors."""
+    horizon = 8
+    model = _origin_model(horizon, 0.9)
+    model = eqx.tree_at(lambda m: m.b, model, jnp.array([0.3]))  # leave the origin
+    if unmet == "curved reward":
+        policy = ScalarPolicy(jnp.array([0.2]), jnp.asarray(1.0), jnp.asarray(0.5))
+    else:
+        policy = PairPolicy(jnp.array([0.2, 0.5]))
+    curved = unmet == "curved reward"
+    grad, l_r, jacobian, seen = _equality_case(
+        model, policy, jnp.zeros(1), 0.7, curved, horizon
+    )
+    derivatives = np.asarray(jacobian)[:, 0, :, 0]
+    causal = np.tril(np.ones((horizon, horizon), bool))
+    assert np.all(derivatives[causal] > 0)  # the positive case
+    l_pi = policy_lipschitz(policy, seen)
+    theorem_2 = float(l_r) * l_pi * np.sum(derivatives[causal])
+    observed = gradient_norm(grad)
+    record("a2_equality_unmet", observed, theorem_2)
+    # Strict by far more than rounding: the ratios are 0.20 (curved reward)
+    # and 0.87 (two-dimensional θ).
+    assert observed < (1 - 1e-3) * theorem_2, (observed, theorem_2)

@@ -25,6 +25,7 @@ from hypothesis import given, strategies as st
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 from theory.common import TinyPolicy, x64_settings
+from theory.ratios import record
 
 import diffenvs
 
@@ -151,6 +152,7 @@ def test_closed_loop_gradients_are_equal(x64, name, seed, gain):
     # of that scale is far above rounding and far below any real difference (a
     # missing or extra path changes the gradient by O(1) of its scale).
     scale = float(np.max(np.abs(g_sim)))
+    record("prop1", np.linalg.norm([g_rnn, g_seq], axis=1), np.linalg.norm(g_sim))
     np.testing.assert_allclose(g_rnn, g_sim, rtol=0, atol=1e-12 * scale)
     np.testing.assert_allclose(g_seq, g_sim, rtol=0, atol=1e-12 * scale)
     value_scale = 1.0 + abs(float(j_sim))
