@@ -1,28 +1,40 @@
-"""The Python code blocks of the README and docs/ stay in step with the API.
+"""The Python code blocks of the README and docs/ run as written.
 
-Running them all is too slow for the test suite (some train for minutes), so each
-block is parsed, and every public name it reads from the packages
+Each document's blocks run in order in one namespace, as a reader would paste
+them. Only the training budgets are cut, so that the suite stays fast: `BPO.train`
+runs one chunk of two episodes (one of warm-up) whatever `env_steps` says, and
+`worldmodels.fit` at most `FIT_STEPS` steps; every other line, argument and shape
+is the document's.
+`DOCS_AS_WRITTEN=1` runs them with their own budgets (minutes). A block whose
+info string is `python fragment` illustrates a signature and is not run, but like
+every block it is parsed, and every public name it reads from the packages
 (`diffenvs.make`, `worldmodels.Episodes.from_env`, ...) must exist.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import importlib
+import os
 import pathlib
 import re
 
 import pytest
 
+import agents
+import worldmodels
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PACKAGES = ("diffenvs", "worldmodels", "agents")
-FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+FENCE = re.compile(r"^```python( fragment)?\n(.*?)^```", re.MULTILINE | re.DOTALL)
+FIT_STEPS = 20
 
 
 def _blocks() -> list:
     return [
-        pytest.param(match.group(1), id=f"{document.name}-{number}")
+        pytest.param(match.group(2), id=f"{document.name}-{number}")
         for document in DOCUMENTS
         for number, match in enumerate(FENCE.finditer(document.read_text()), 1)
     ]
@@ -77,3 +89,54 @@ def test_the_check_catches_a_renamed_function():
         "diffenvs.make_env"
     ]
     assert _missing("from worldmodels import Episode\n") == ["worldmodels.Episode"]
+
+
+def _runnable(document: pathlib.Path) -> list[str]:
+    return [m.group(2) for m in FENCE.finditer(document.read_text()) if not m.group(1)]
+
+
+@pytest.fixture
+def short_training(monkeypatch):
+    """`BPO.train` for one chunk and `fit` for at most `FIT_STEPS` steps, unless
+    `DOCS_AS_WRITTEN` is set."""
+    if os.environ.get("DOCS_AS_WRITTEN"):
+        return
+    train, fit = agents._train.train, worldmodels.fit
+
+    def one_chunk(bpo, key, env_steps, **options):
+        # One chunk of two episodes: the first of warm-up, the second with updates.
+        short = copy.copy(bpo)
+        budget = {"warmup_steps": bpo.horizon, "eval_every": 2 * bpo.horizon}
+        for name, value in budget.items():
+            object.__setattr__(short, name, min(getattr(bpo, name), value))
+        return train(short, key, 1, **options)
+
+    def few_steps(*args, steps=1000, **options):
+        return fit(*args, steps=min(steps, FIT_STEPS), **options)
+
+    monkeypatch.setattr(agents._train, "train", one_chunk)
+    monkeypatch.setattr(worldmodels, "fit", few_steps)
+
+
+def _run(blocks: list[str], name: str) -> None:
+    """Run `blocks` in order in one namespace, as a reader pastes them."""
+    namespace: dict = {"__name__": f"docs_{name}"}
+    for number, source in enumerate(blocks, 1):
+        exec(compile(source, f"{name}, block {number}", "exec"), namespace)
+
+
+@pytest.mark.parametrize(
+    "document", [d for d in DOCUMENTS if _runnable(d)], ids=lambda d: d.name
+)
+def test_a_document_runs_as_written(document, short_training, capsys):
+    _run(_runnable(document), document.name)
+
+
+def test_the_runner_catches_a_block_that_fails():
+    """A later block that reads a name no earlier block defined fails, and so does
+    a call with a keyword the function does not take."""
+    _run(["import diffenvs\nenv = diffenvs.make('hiv', horizon=5)", "env.dt"], "ok")
+    with pytest.raises(NameError, match="model"):
+        _run(["import diffenvs", "model.predict(None, None)"], "undefined")
+    with pytest.raises(TypeError, match="horizont"):
+        _run(["import diffenvs\ndiffenvs.make('hiv', horizon=5, horizont=5)"], "kw")

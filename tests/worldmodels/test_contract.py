@@ -242,6 +242,31 @@ def test_non_finite_initial_state_raises(model, env, key):
             jax.block_until_ready(jit_unroll(model, s1, actions))
 
 
+@eqx.filter_jit
+def jit_vmap_predict(model, s1, actions):
+    return jax.vmap(model.predict, in_axes=(None, 0))(s1, actions)
+
+
+@eqx.filter_jit
+def jit_grad_s1(model, s1, actions):
+    return jax.grad(lambda s: jnp.sum(model.predict(s, actions) ** 2))(s1)
+
+
+def test_run_time_checks_hold_under_vmap_and_in_a_gradient(model, env, key):
+    """The checks of the two tests above also fire for one member of a vmapped
+    batch, and in a gradient with respect to the initial state alone."""
+    if name_of(model) == "user":
+        pytest.skip("the user's model makes no promise about NaN")
+    actions = random_actions(key, env, (2,))
+    s1 = env.initial_state()
+    with pytest.raises(EquinoxRuntimeError, match="NaN"):
+        jax.block_until_ready(
+            jit_vmap_predict(model, s1, actions.at[1, 3, 0].set(jnp.nan))
+        )
+    with pytest.raises(EquinoxRuntimeError, match="not finite"):
+        jax.block_until_ready(jit_grad_s1(model, s1.at[0].set(jnp.inf), actions[0]))
+
+
 def test_other_task_sizes_fail_clearly(model, env, key):
     if name_of(model) == "user":
         pytest.skip("the user's model makes no promise about wrong sizes")
